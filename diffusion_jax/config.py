@@ -1,0 +1,168 @@
+"""The complete config schema with defaults, and its validation.
+
+Every key the code reads exists here, so `configs/<experiment>.py` files are small diffs of
+`get_default_config()` and a typo in a key is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from diffusion_jax.errors import UserError
+
+# Flax logical axis name → mesh axis (or axes, or None = replicated). Parameters are sharded
+# over `fsdp` on their largest "embed"-like dimension and over `tensor` on heads / channels.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("conv_out", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", None),
+    ("length", None),
+)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults; experiment configs override a handful."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Training loop (these top-level names are a contract: scripts set them).
+  c.num_train_steps = 4000
+  c.batch_size = 128  # Global batch, over all processes and devices.
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.sample_every_steps = 1000
+  c.max_checkpoints_to_keep = 3
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"
+  c.dataset.data_dir = ""  # "" = $DIFFUSION_JAX_DATA_DIR or ~/.cache/diffusion_jax/tensorflow_datasets.
+  c.dataset.image_size = 8
+  c.dataset.channels = 1
+  c.dataset.num_threads = 2  # grain read threads per process.
+
+  c.text = ml_collections.ConfigDict()
+  c.text.max_length = 32  # Tokens per prompt, BOS and EOS included.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"  # Compute dtype; parameters are always float32.
+  c.model.text_encoder = ml_collections.ConfigDict()
+  c.model.text_encoder.width = 64
+  c.model.text_encoder.depth = 2
+  c.model.text_encoder.num_heads = 4
+  c.model.text_encoder.mlp_ratio = 4
+  c.model.unet = ml_collections.ConfigDict()
+  c.model.unet.channels = 32
+  c.model.unet.channel_mult = (1, 2)  # Channels per resolution level, as multiples of `channels`.
+  c.model.unet.num_res_blocks = 2  # Per level, on the way down (one more on the way up).
+  c.model.unet.transformer_depth = (0, 1)  # Transformer blocks after each ResBlock, per level; 0 = none.
+  c.model.unet.mid_transformer_depth = 1
+  c.model.unet.head_dim = 32  # Attention head width; heads = channels // head_dim.
+  c.model.unet.norm_groups = 8
+  c.model.unet.dropout = 0.0
+  c.model.unet.use_linear_projection = True  # Linear (SD 2.x) vs 1×1 conv (SD 1.x) proj_in/proj_out.
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.beta_schedule = "cosine"
+  c.diffusion.prediction_type = "eps"
+  c.diffusion.p_uncond = 0.1  # Probability of replacing a caption by the empty prompt.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 200
+  c.optimizer.schedule = "cosine"  # After warmup: "cosine" decay to 0 or "constant".
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.ema_decay = 0.999
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.sampler = "ddim"
+  c.sampling.num_steps = 50
+  c.sampling.eta = 0.0
+  c.sampling.guidance_scale = 3.0
+  c.sampling.num_per_prompt = 8  # Images per prompt in the periodic training grid.
+  c.sampling.prompts = ""  # ";"-separated; "" = the dataset's canonical prompts.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 = "all remaining devices".
+  c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+  return c
+
+
+ALLOWED_VALUES = {
+    "dataset.name": ("digits",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "diffusion.beta_schedule": ("linear", "cosine"),
+    "diffusion.prediction_type": ("eps", "v", "x0"),
+    "optimizer.schedule": ("cosine", "constant"),
+    "sampling.sampler": ("ddim",),
+}
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first unknown key or disallowed value."""
+  known = _flatten(get_default_config())
+  given = _flatten(config)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise UserError(f"unknown config key(s) {unknown}; known keys are: {', '.join(sorted(known))}")
+  for key, allowed in ALLOWED_VALUES.items():
+    if given[key] not in allowed:
+      raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
+  positive = ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
+              "sample_every_steps", "text.max_length", "diffusion.num_timesteps", "sampling.num_steps")
+  for key in positive:
+    if given[key] <= 0:
+      raise UserError(f"config.{key}={given[key]!r} must be a positive integer")
+  if not 0.0 <= config.diffusion.p_uncond <= 1.0:
+    raise UserError(f"config.diffusion.p_uncond={config.diffusion.p_uncond} must be in [0, 1]")
+  unet = config.model.unet
+  if len(unet.transformer_depth) != len(unet.channel_mult):
+    raise UserError(f"config.model.unet.transformer_depth={tuple(unet.transformer_depth)} needs one "
+                    f"entry per level of channel_mult={tuple(unet.channel_mult)}")
+  levels = len(unet.channel_mult)
+  if config.dataset.image_size % 2 ** (levels - 1):
+    raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by "
+                    f"2**(levels-1)={2 ** (levels - 1)} for channel_mult={tuple(unet.channel_mult)}")
+  if len(config.mesh.shape) != len(MESH_AXES):
+    raise UserError(f"config.mesh.shape={tuple(config.mesh.shape)} needs one size per axis {MESH_AXES}")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def _tuples(value: Any) -> Any:
+  """JSON turns tuples into lists; the config uses tuples for sequences."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))

@@ -1,0 +1,66 @@
+"""Forward process q(x_t | x_0), model parameterizations (ε, v, x0) and the training loss."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.diffusion.schedules import NoiseSchedule
+
+PREDICTION_TYPES = ("eps", "v", "x0")
+
+
+def _bcast(a: jax.Array, like: jax.Array) -> jax.Array:
+  """[B] → [B, 1, …, 1] to broadcast against `like`."""
+  return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
+
+
+def q_sample(x0: jax.Array, alpha_bar: jax.Array, noise: jax.Array) -> jax.Array:
+  """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε  (DDPM eq. 4). alpha_bar: [B]; x0, noise: [B, …]."""
+  a = _bcast(alpha_bar, x0)
+  return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+
+
+def prediction_target(prediction_type: str, x0: jax.Array, noise: jax.Array,
+                      alpha_bar: jax.Array) -> jax.Array:
+  """What the network is trained to output. v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022)."""
+  if prediction_type == "eps":
+    return noise
+  if prediction_type == "x0":
+    return x0
+  if prediction_type == "v":
+    a = _bcast(alpha_bar, x0)
+    return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+  raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
+
+
+def to_eps_and_x0(prediction_type: str, output: jax.Array, x_t: jax.Array,
+                  alpha_bar: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Converts a network output to (ε̂, x̂_0) given x_t and ᾱ_t ([B])."""
+  a = _bcast(alpha_bar, x_t)
+  sa, s1a = jnp.sqrt(a), jnp.sqrt(1.0 - a)
+  if prediction_type == "eps":
+    return output, (x_t - s1a * output) / sa
+  if prediction_type == "x0":
+    return (x_t - sa * output) / s1a, output
+  if prediction_type == "v":
+    return sa * output + s1a * x_t, sa * x_t - s1a * output
+  raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
+
+
+def diffusion_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
+                   schedule: NoiseSchedule, prediction_type: str, rng: jax.Array) -> jax.Array:
+  """Monte-Carlo estimate of E_{t, ε} ||target − f(x_t, t)||², one (t, ε) per example.
+
+  predict_fn(x_t [B, H, W, C], t [B] int32) → [B, H, W, C]. x0: [B, H, W, C] in [-1, 1].
+  Returns the scalar mean over batch and pixels.
+  """
+  t_rng, noise_rng = jax.random.split(rng)
+  t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  alpha_bar = schedule.alphas_cumprod[t]
+  x_t = q_sample(x0, alpha_bar, noise)
+  target = prediction_target(prediction_type, x0, noise, alpha_bar)
+  return jnp.mean((predict_fn(x_t, t) - target) ** 2)

@@ -1,0 +1,45 @@
+"""Conversions between model images ([-1, 1] float) and uint8, grids and PNG files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float → uint8 [0, 255] (values outside are clipped)."""
+  return np.round((np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def to_model_range(images_uint8):
+  """uint8 [0, 255] → float32 [-1, 1]. Works on numpy and jax arrays."""
+  return images_uint8.astype("float32") / 127.5 - 1.0
+
+
+def make_grid(images: np.ndarray, num_rows: int, upscale: int = 1, pad: int = 1) -> np.ndarray:
+  """[N, H, W, C] uint8 → one [rows·(H·up+pad)+pad, cols·(W·up+pad)+pad, C] uint8 image, row-major.
+
+  `upscale` repeats pixels (nearest neighbour) so that tiny images stay visible.
+  """
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  cols = -(-n // num_rows)
+  images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
+  h, w = h * upscale, w * upscale
+  grid = np.full((num_rows * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, 1|3] image; writes to a temporary file first so a crash never leaves half a PNG."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image = np.asarray(image)
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  tmp = path + ".tmp"
+  pil.save(tmp, format="PNG")
+  os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""Building blocks whose parameters carry Flax logical axis names.
+
+Logical names (`embed`, `mlp`, `heads`, `conv_in`, `conv_out`, `vocab`, `length`) are mapped to
+mesh axes by `config.mesh.logical_axis_rules`, so sharding is data, not code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.errors import UserError
+
+Dtype = Any
+
+_default_kernel_init = nn.initializers.lecun_normal()
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
+          zero_init: bool = False, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel [in, out] has logical axes `axes`."""
+  kernel_init = nn.initializers.zeros_init() if zero_init else _default_kernel_init
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def conv(features: int, kernel_size: int = 3, *, strides: int = 1, zero_init: bool = False,
+         dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+  """A 'SAME' conv whose kernel [k, k, in, out] has logical axes (None, None, conv_in, conv_out)."""
+  kernel_init = nn.initializers.zeros_init() if zero_init else _default_kernel_init
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(strides, strides), padding="SAME",
+      dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def group_norm(num_groups: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=1e-5, dtype=dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def layer_norm(*, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Transformer sinusoidal embedding of (possibly fractional) timesteps.
+
+  Args:
+    t: [B] timesteps (integers in [0, T) or floats).
+    dim: even embedding width.
+  Returns:
+    [B, dim] float32: [cos(t·f_0), …, cos(t·f_{d/2-1}), sin(t·f_0), …], f_i = max_period^(-2i/dim).
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention of `x` over `context` (self-attention when context is None).
+
+  x: [B, T, D]; context: [B, S, Dc]; mask: [B, S] bool, True = attend. Returns [B, T, D].
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    context = x if context is None else context
+    inner = self.num_heads * self.head_dim
+    split = lambda y: y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
+    q = split(dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="query")(x))
+    k = split(dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="key")(context))
+    v = split(dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="value")(context))
+    attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1(heads), 1(T), S]
+    out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)  # [B, T, heads, head_dim]
+    out = out.reshape(out.shape[:-2] + (inner,))
+    return dense(x.shape[-1], ("heads", "embed"), dtype=self.dtype, name="out")(out)
+
+
+def flatten_spatial(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] → [B, H·W, C]."""
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def check_shape(name: str, x: jax.Array, expected: Sequence[int | None]) -> None:
+  """Raises a clear error when `x` does not have `expected` shape (None = any size)."""
+  if len(x.shape) != len(expected) or any(e is not None and e != s for s, e in zip(x.shape, expected)):
+    want = ", ".join("*" if e is None else str(e) for e in expected)
+    raise UserError(f"{name} has shape {tuple(x.shape)}; expected ({want})")

@@ -1,0 +1,60 @@
+"""Sample: prompts → samples.npz (+ a PNG grid beside it).
+
+python -m diffusion_jax.sample --workdir=runs/digits --prompts="a handwritten digit 3;the number seven" \
+    --num_per_prompt=16 --guidance_scale=3 --sampler=ddim --steps=50 --seed=0 --out=samples.npz
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import flags, logging
+
+from diffusion_jax import cli, inference, sampling
+from diffusion_jax import images as images_lib
+from diffusion_jax.data.builders import digits
+from diffusion_jax.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load (config.json + checkpoints).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_PROMPTS = flags.DEFINE_string("prompts", ";".join(digits.caption_for(d) for d in range(10)),
+                               "';'-separated prompts.")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 8, "Images per prompt.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale s (1 = no guidance).")
+_SAMPLER = flags.DEFINE_string("sampler", "ddim", f"One of {sampling.SAMPLERS}.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 = deterministic).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz; the PNG grid is written beside it.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}")
+  prompts = sampling.parse_prompts(_PROMPTS.value)
+  if not prompts or _NUM_PER_PROMPT.value < 1:
+    raise UserError("give at least one prompt (--prompts='a;b') and --num_per_prompt >= 1")
+  loaded = inference.load_from_workdir(_WORKDIR.value, _STEP.value)
+  for p in prompts:  # Fail on an over-long prompt before compiling anything.
+    loaded.tokenizer.encode(p)
+  all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
+  sample_fn = sampling.make_sample_fn(loaded.model, loaded.schedule, sampler=_SAMPLER.value,
+                                      num_steps=_STEPS.value, eta=_ETA.value,
+                                      prediction_type=loaded.config.diffusion.prediction_type)
+  images = images_lib.to_uint8(sampling.generate(sample_fn, loaded.params, loaded.tokenizer, all_prompts,
+                                                 _GUIDANCE.value, _SEED.value))
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  np.savez(out, images=images, prompts=np.asarray(all_prompts), guidance_scale=np.float32(_GUIDANCE.value),
+           seed=np.int64(_SEED.value), step=np.int64(loaded.step))
+  png = os.path.splitext(out)[0] + ".png"
+  images_lib.save_png(png, images_lib.make_grid(images, num_rows=len(prompts), upscale=4))
+  logging.info("Wrote %d samples of checkpoint step %d to %s and the grid (one row per prompt) to %s",
+               len(images), loaded.step, out, png)
+  print(f"samples: {out}\ngrid: {png}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

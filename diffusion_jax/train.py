@@ -1,0 +1,168 @@
+"""train_and_evaluate(config, workdir): the training loop, nothing else."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+
+from diffusion_jax import config as config_lib
+from diffusion_jax import images as images_lib
+from diffusion_jax import metric_writers, sampling, train_state
+from diffusion_jax.checkpoint import Checkpointer
+from diffusion_jax.data import pipeline
+from diffusion_jax.data.builders import digits
+from diffusion_jax.diffusion import losses, schedules
+from diffusion_jax.errors import UserError
+from diffusion_jax.models.tokenizer import ByteTokenizer
+from diffusion_jax.models.unet import TextToImageModel, create_model
+from diffusion_jax.parallel import mesh as mesh_lib
+
+
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, model: TextToImageModel,
+               tx: optax.GradientTransformation, schedule: schedules.NoiseSchedule, config,
+               empty_tokens: jax.Array) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch {'image': uint8 [B, H, W, C], 'tokens': int32 [B, L]}.
+
+  Captions are replaced by the empty prompt with probability p_uncond (classifier-free guidance
+  training); the loss is the MSE of the parameterization's target at one random t per example.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 3)
+  x0 = images_lib.to_model_range(batch["image"])
+  keep = jax.random.uniform(drop_rng, (x0.shape[0],)) >= config.diffusion.p_uncond
+  tokens = jnp.where(keep[:, None], batch["tokens"], empty_tokens[None, :])
+
+  def loss_fn(params):
+    predict = lambda x_t, t: model.apply({"params": params}, x_t, t, tokens, train=True,
+                                         rngs={"dropout": dropout_rng})
+    return losses.diffusion_loss(predict, x0, schedule, config.diffusion.prediction_type, loss_rng)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # EMA with the usual warm-up, so early EMA weights are not dominated by the initialization.
+  decay = jnp.minimum(config.optimizer.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "learning_rate": train_state.learning_rate_schedule(config)(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def canonical_prompts(config) -> list[str]:
+  if config.sampling.prompts:
+    return sampling.parse_prompts(config.sampling.prompts)
+  return [digits.caption_for(d) for d in range(10)]
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes workdir/config.json; warns about keys that differ from a previous run in this workdir."""
+  path = os.path.join(workdir, "config.json")
+  text = config_lib.to_json(config)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = config_lib.from_json(f.read())
+    changed = sorted(k for k, v in config_lib._flatten(config).items()  # pylint: disable=protected-access
+                     if config_lib._flatten(old).get(k) != v)  # pylint: disable=protected-access
+    if changed:
+      logging.warning("Config differs from the previous run in %s: %s", workdir, changed)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
+  """Trains (resuming from the latest checkpoint in `workdir`), logging, sampling and checkpointing."""
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+
+  mesh = mesh_lib.create_mesh(config.mesh.shape)
+  rules = mesh_lib.logical_rules(config)
+  if config.batch_size % mesh_lib.data_parallel_size(mesh):
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the data-parallel size "
+                    f"{mesh_lib.data_parallel_size(mesh)} (mesh data × fsdp = {dict(mesh.shape)})")
+  model = create_model(config)
+  tx = train_state.create_optimizer(config)
+  schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
+  tokenizer = ByteTokenizer(config.text.max_length)
+
+  train_iter = pipeline.create_train_iterator(config)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, mesh, rules)
+  logging.info("Model: %s parameters (%s text encoder).", f"{train_state.param_count(state.params):,}",
+               f"{train_state.param_count(state.params['text_encoder']):,}")
+  checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    state = checkpointer.restore(latest, abstract, train_iter)
+    logging.info("Resuming at step %d.", latest)
+  initial_step = int(jax.device_get(state.step))
+
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                        empty_tokens=jnp.asarray(tokenizer.encode(""))),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
+      donate_argnums=0)
+  sample_fn = sampling.make_sample_fn(model, schedule, sampler=config.sampling.sampler,
+                                      num_steps=config.sampling.num_steps, eta=config.sampling.eta,
+                                      prediction_type=config.diffusion.prediction_type)
+  prompts = [p for p in canonical_prompts(config) for _ in range(config.sampling.num_per_prompt)]
+
+  writer = metric_writers.create_writer(workdir)
+  if initial_step == 0:
+    writer.write_hparams({k: v for k, v in config_lib._flatten(config).items()  # pylint: disable=protected-access
+                          if isinstance(v, (int, float, str, bool))})
+  progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
+                                             every_steps=config.log_every_steps)
+  pending_metrics: list[dict[str, jax.Array]] = []
+  logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
+  with mesh, nn.logical_axis_rules(rules):
+    for step in range(initial_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        local = next(train_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+                 for k in ("image", "tokens")}
+        state, metrics = step_fn(state, batch)
+      pending_metrics.append(metrics)
+      progress(step)
+
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending_metrics)])) for k in metrics}
+        pending_metrics.clear()
+        if not np.isfinite(summary["loss"]):
+          raise FloatingPointError(f"loss is {summary['loss']} at step {step}")
+        writer.write_scalars(step, summary)
+        logging.info("step %d/%d: loss %.4f, grad_norm %.3f", step, config.num_train_steps,
+                     summary["loss"], summary["grad_norm"])
+
+      if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+        images = sampling.generate(sample_fn, state.ema_params, tokenizer, prompts,
+                                   config.sampling.guidance_scale, config.seed)
+        grid = images_lib.make_grid(images_lib.to_uint8(images), num_rows=len(prompts) //
+                                    config.sampling.num_per_prompt, upscale=4)
+        if is_main:
+          images_lib.save_png(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
+          writer.write_images(step, {"samples": grid[None]})
+
+      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+        checkpointer.save(step, state, train_iter, config.to_dict())
+
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  return state

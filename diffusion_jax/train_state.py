@@ -1,0 +1,83 @@
+"""TrainState and its creation directly in its sharded layout (eval_shape → shardings → jit init)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion_jax.models.unet import TextToImageModel
+from diffusion_jax.parallel import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 []; params/ema_params: {'text_encoder', 'unet'}; rng: uint32 [2] root key."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  opt = config.optimizer
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, opt.warmup_steps,
+                                              max(config.num_train_steps, opt.warmup_steps + 1))
+  return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
+                               optax.constant_schedule(opt.learning_rate)], [opt.warmup_steps])
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with warmup and global-norm gradient clipping."""
+  opt = config.optimizer
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+
+
+def dummy_inputs(model: TextToImageModel, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+  x = jnp.zeros((batch,) + tuple(model.image_shape), jnp.float32)
+  t = jnp.zeros((batch,), jnp.int32)
+  tokens = jnp.zeros((batch, model.text_encoder.max_length), jnp.int32)
+  return x, t, tokens
+
+
+def _init_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTransformation) -> TrainState:
+  """Boxed (nn.Partitioned) state: logical axis names travel with the leaves."""
+  init_rng, state_rng = jax.random.split(rng)
+  params = model.init(init_rng, *dummy_inputs(model))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params), rng=state_rng)
+
+
+def state_shardings(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules) -> Any:
+  """NamedShardings of the (unboxed) TrainState, from the parameters' logical axis names."""
+  abstract = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx))
+  return mesh_lib.logical_to_sharding(abstract, mesh, rules)
+
+
+def create_train_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTransformation,
+                       mesh, rules) -> tuple[TrainState, Any]:
+  """Initializes every leaf directly on its shards; returns (state, its shardings)."""
+  shardings = state_shardings(model, tx, mesh, rules)
+  init = jax.jit(lambda r: nn.unbox(_init_state(r, model, tx)), out_shardings=shardings)
+  with mesh, nn.logical_axis_rules(rules):
+    return init(rng), shardings
+
+
+def abstract_train_state(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules) -> Any:
+  """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
+  shardings = state_shardings(model, tx, mesh, rules)
+  shapes = jax.eval_shape(lambda: nn.unbox(_init_state(jax.random.PRNGKey(0), model, tx)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def param_count(params: Any) -> int:
+  return sum(int(p.size) for p in jax.tree.leaves(params))

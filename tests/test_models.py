@@ -1,0 +1,88 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.errors import UserError
+from diffusion_jax.models import layers
+from diffusion_jax.models.tokenizer import ByteTokenizer
+from diffusion_jax.models.unet import TextToImageModel, create_model
+from tests.conftest import tiny_config
+
+
+def _randomize(params, seed=0):
+  """Replaces every leaf with noise: zero-initialized output layers would hide the conditioning."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  config = tiny_config()
+  model = create_model(config)
+  tok = ByteTokenizer(config.text.max_length)
+  tokens = jnp.asarray(tok.encode_batch(["a handwritten digit 3", "the number seven"]))
+  x = jnp.zeros((2, 8, 8, 1))
+  variables = model.init(jax.random.PRNGKey(0), x, jnp.zeros((2,), jnp.int32), tokens)
+  return model, tok, variables
+
+
+def test_every_parameter_has_logical_axis_names(model_and_params):
+  _, _, variables = model_and_params
+  leaves = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(l, nn.Partitioned) for l in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim
+
+
+def test_output_shapes(model_and_params):
+  model, tok, variables = model_and_params
+  params = nn.unbox(variables["params"])
+  tokens = jnp.asarray(tok.encode_batch(["3"] * 4))
+  context, mask, pooled = model.apply({"params": params}, tokens, method=TextToImageModel.encode_text)
+  assert context.shape == (4, 32, 32) and mask.shape == (4, 32) and pooled.shape == (4, 32)
+  np.testing.assert_array_equal(mask[0, :4], [True, True, True, False])
+  out = model.apply({"params": params}, jnp.ones((4, 8, 8, 1)), jnp.arange(4), tokens)
+  assert out.shape == (4, 8, 8, 1) and out.dtype == jnp.float32
+
+
+def test_output_depends_on_caption_and_timestep(model_and_params):
+  model, tok, variables = model_and_params
+  params = _randomize(nn.unbox(variables["params"]))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  t = jnp.array([10, 10])
+  out_a = model.apply({"params": params}, x, t, jnp.asarray(tok.encode_batch(["3", "3"])))
+  out_b = model.apply({"params": params}, x, t, jnp.asarray(tok.encode_batch(["3", "7"])))
+  np.testing.assert_allclose(out_a[0], out_b[0], atol=1e-5)  # Same caption, same output.
+  assert float(jnp.abs(out_a[1] - out_b[1]).max()) > 1e-2  # Other caption, other output.
+  out_c = model.apply({"params": params}, x, jnp.array([10, 50]), jnp.asarray(tok.encode_batch(["3", "3"])))
+  assert float(jnp.abs(out_c[1] - out_a[1]).max()) > 1e-2
+
+
+def test_attention_ignores_masked_context():
+  attn = layers.MultiHeadAttention(num_heads=2, head_dim=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8))
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 8))
+  mask = jnp.array([[True, True, False, False, False]])
+  params = attn.init(jax.random.PRNGKey(2), x, ctx, mask)
+  out = attn.apply(params, x, ctx, mask)
+  changed = ctx.at[:, 2:].set(100.0)
+  np.testing.assert_allclose(out, attn.apply(params, x, changed, mask), atol=1e-6)
+  # And it matches attention over only the unmasked entries.
+  np.testing.assert_allclose(out, attn.apply(params, x, ctx[:, :2], mask[:, :2]), atol=1e-6)
+
+
+def test_sinusoidal_embedding_closed_form():
+  emb = layers.sinusoidal_embedding(jnp.array([0.0, 3.0]), 8)
+  freqs = 10_000.0 ** (-np.arange(4) / 4)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.cos(3 * freqs), np.sin(3 * freqs)]), rtol=1e-5)
+  np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_wrong_image_shape_is_a_clear_error(model_and_params):
+  model, tok, variables = model_and_params
+  with pytest.raises(UserError, match=r"x_t has shape \(2, 16, 16, 1\); expected \(\*, 8, 8, 1\)"):
+    model.apply(variables, jnp.zeros((2, 16, 16, 1)), jnp.zeros((2,), jnp.int32),
+                jnp.asarray(tok.encode_batch(["3", "3"])))
