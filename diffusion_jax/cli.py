@@ -39,12 +39,15 @@ def _check_config_file(argv: list[str]) -> None:
 
 def _unknown_override(argv: list[str], exc: Exception) -> str | None:
   """Names the `--config.key` that does not exist, if that is what `exc` is about."""
-  missing = str(exc).strip("\"'")
+  text = str(exc)
+  missing = re.search(r"'(\w+)", text)
+  suggestion = re.search(r'Did you mean "(\w+)"', text)
   for arg in argv:
     match = _OVERRIDE.match(arg)
-    if match and missing in match.group(1).split("."):
-      return (f"unknown config key {match.group(1)!r} in {arg.split('=')[0]}; "
-              f"see diffusion_jax/config.py for the keys")
+    if match and missing and missing.group(1) in match.group(1).split("."):
+      hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""
+      return (f"unknown config key {match.group(1)!r} in {arg.split('=')[0]}{hint}; "
+              f"diffusion_jax/config.py lists the keys")
   return None
 
 

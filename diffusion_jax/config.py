@@ -36,11 +36,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Training loop (these top-level names are a contract: scripts set them).
-  c.num_train_steps = 4000
-  c.batch_size = 128  # Global batch, over all processes and devices.
+  c.num_train_steps = 2000
+  c.batch_size = 64  # Global batch, over all processes and devices.
   c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.sample_every_steps = 1000
+  c.checkpoint_every_steps = 500
+  c.sample_every_steps = 500
   c.max_checkpoints_to_keep = 3
 
   c.dataset = ml_collections.ConfigDict()
@@ -63,7 +63,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.unet = ml_collections.ConfigDict()
   c.model.unet.channels = 32
   c.model.unet.channel_mult = (1, 2)  # Channels per resolution level, as multiples of `channels`.
-  c.model.unet.num_res_blocks = 2  # Per level, on the way down (one more on the way up).
+  c.model.unet.num_res_blocks = 1  # Per level, on the way down (one more on the way up).
   c.model.unet.transformer_depth = (0, 1)  # Transformer blocks after each ResBlock, per level; 0 = none.
   c.model.unet.mid_transformer_depth = 1
   c.model.unet.head_dim = 32  # Attention head width; heads = channels // head_dim.

@@ -15,6 +15,7 @@ from diffusion_jax import cli, inference, sampling
 from diffusion_jax import images as images_lib
 from diffusion_jax.data.builders import digits
 from diffusion_jax.errors import UserError
+from diffusion_jax.models.tokenizer import ByteTokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load (config.json + checkpoints).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
@@ -36,9 +37,11 @@ def main(argv):
   prompts = sampling.parse_prompts(_PROMPTS.value)
   if not prompts or _NUM_PER_PROMPT.value < 1:
     raise UserError("give at least one prompt (--prompts='a;b') and --num_per_prompt >= 1")
+  # Fail on a bad workdir or an over-long prompt before loading or compiling anything.
+  tokenizer = ByteTokenizer(inference.read_config(_WORKDIR.value).text.max_length)
+  for p in prompts:
+    tokenizer.encode(p)
   loaded = inference.load_from_workdir(_WORKDIR.value, _STEP.value)
-  for p in prompts:  # Fail on an over-long prompt before compiling anything.
-    loaded.tokenizer.encode(p)
   all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
   sample_fn = sampling.make_sample_fn(loaded.model, loaded.schedule, sampler=_SAMPLER.value,
                                       num_steps=_STEPS.value, eta=_ETA.value,
