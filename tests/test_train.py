@@ -17,6 +17,7 @@ from diffusion_jax.images import to_model_range
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import create_model
 from diffusion_jax.parallel import mesh as mesh_lib
+from tests.test_models import _randomize
 
 
 def _setup(config):
@@ -95,3 +96,21 @@ def test_train_writes_outputs_and_resumes_exactly(config, tmp_path):
   assert int(resumed.step) == 20
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_caption_dropout_replaces_captions_by_the_empty_prompt(config):
+  """p_uncond = 1: the step cannot see the captions; p_uncond = 0: it does."""
+  _, _, model, tx, schedule, state, _ = _setup(config)
+  state = state.replace(params=_randomize(state.params))  # Zero-initialized outputs would hide the text.
+  batch = next(pipeline.create_train_iterator(config))
+  images = jnp.asarray(batch["image"])
+  tokens_a = jnp.asarray(batch["tokens"])
+  tokens_b = jnp.roll(tokens_a, 1, axis=0)
+  results = {}
+  for p_uncond in (0.0, 1.0):
+    config.diffusion.p_uncond = p_uncond
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config,
+                                     empty_tokens=jnp.asarray(ByteTokenizer(32).encode(""))))
+    results[p_uncond] = [float(step(state, {"image": images, "tokens": t})[1]["loss"]) for t in (tokens_a, tokens_b)]
+  assert results[1.0][0] == results[1.0][1]
+  assert results[0.0][0] != results[0.0][1]

@@ -1,0 +1,60 @@
+"""The real model's sampler: compiled once, guidance scale s = 1 is the conditional model exactly."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import sampling
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.errors import UserError
+from diffusion_jax.models.tokenizer import ByteTokenizer
+from diffusion_jax.models.unet import create_model
+from tests.conftest import tiny_config
+from tests.test_models import _randomize
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = tiny_config()
+  model = create_model(config)
+  tok = ByteTokenizer(config.text.max_length)
+  tokens = jnp.asarray(tok.encode_batch(["1", "2"]))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32),
+                               tokens)["params"])
+  schedule = schedules.make_schedule("cosine", config.diffusion.num_timesteps)
+  fn = sampling.make_sample_fn(model, schedule, sampler="ddim", num_steps=4, eta=0.0, prediction_type="eps")
+  return fn, _randomize(params), tok
+
+
+def test_compiled_once_for_new_prompts_scales_and_seeds(setup):
+  fn, params, tok = setup
+  a = sampling.generate(fn, params, tok, ["a handwritten digit 1", "7"], 3.0, seed=0)
+  b = sampling.generate(fn, params, tok, ["the number two", "9"], [1.0, 5.0], seed=1)
+  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  assert a.shape == b.shape == (2, 8, 8, 1)
+  assert np.abs(a).max() <= 1.0  # DDIM clips x̂_0 to the data range.
+
+
+def test_guidance_one_ignores_the_unconditional_prompt(setup):
+  fn, params, tok = setup
+  tokens = jnp.asarray(tok.encode_batch(["3", "4"]))
+  key = jax.random.PRNGKey(0)
+  ones = jnp.ones((2,))
+  empty = jnp.asarray(tok.encode_batch(["", ""]))
+  negative = jnp.asarray(tok.encode_batch(["something else", "8"]))
+  np.testing.assert_array_equal(np.asarray(fn(params, tokens, empty, ones, key)),
+                                np.asarray(fn(params, tokens, negative, ones, key)))
+  # At s = 3 the unconditional prompt matters (the model is random, so outputs differ).
+  threes = jnp.full((2,), 3.0)
+  assert not np.allclose(fn(params, tokens, empty, threes, key), fn(params, tokens, negative, threes, key))
+
+
+def test_bad_sampler_settings_are_clear_errors(setup):
+  _, _, _ = setup
+  schedule = schedules.make_schedule("cosine", 100)
+  with pytest.raises(UserError, match="unknown sampler 'euler'"):
+    sampling.make_sample_fn(None, schedule, sampler="euler", num_steps=4, eta=0.0, prediction_type="eps")
+  with pytest.raises(UserError, match=r"steps=500 must be in \[1, 100\]"):
+    sampling.make_sample_fn(None, schedule, sampler="ddim", num_steps=500, eta=0.0, prediction_type="eps")
