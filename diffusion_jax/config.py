@@ -75,6 +75,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.diffusion.num_timesteps = 1000
   c.diffusion.beta_schedule = "cosine"
   c.diffusion.prediction_type = "eps"
+  c.diffusion.zero_terminal_snr = False  # Lin et al. 2023 rescale; needs prediction_type v or x0.
+  c.diffusion.loss_weighting = "uniform"  # "uniform" or "min_snr" (Hang et al. 2023).
+  c.diffusion.min_snr_gamma = 5.0
   c.diffusion.p_uncond = 0.1  # Probability of replacing a caption by the empty prompt.
 
   c.optimizer = ml_collections.ConfigDict()
@@ -88,10 +91,17 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.optimizer.ema_decay = 0.999
 
   c.sampling = ml_collections.ConfigDict()
-  c.sampling.sampler = "ddim"
+  c.sampling.sampler = "ddim"  # "ddim", "ddpm" or "dpm_solver_pp_2m".
   c.sampling.num_steps = 50
-  c.sampling.eta = 0.0
-  c.sampling.guidance_scale = 3.0
+  c.sampling.spacing = "linspace"  # "linspace", "leading" or "trailing".
+  c.sampling.eta = 0.0  # DDIM η.
+  c.sampling.ddpm_variance = "small"  # DDPM posterior variance: "small" (β̃) or "large" (β).
+  c.sampling.x0_clipping = "static"  # "static" ([-1, 1]), "dynamic" (Imagen) or "none".
+  c.sampling.dynamic_threshold_percentile = 0.995
+  c.sampling.guidance_scale = 3.0  # s: ε_u + s·(ε_c − ε_u); 1 = no guidance.
+  c.sampling.guidance_rescale = 0.0  # φ of Lin et al. 2023.
+  c.sampling.guidance_interval = (0.0, 1.0)  # Guidance only for t/T in [lo, hi].
+  c.sampling.negative_prompt = ""  # Prompt of the unconditional branch.
   c.sampling.num_per_prompt = 8  # Images per prompt in the periodic training grid.
   c.sampling.prompts = ""  # ";"-separated; "" = the dataset's canonical prompts.
 
@@ -104,10 +114,14 @@ def get_default_config() -> ml_collections.ConfigDict:
 ALLOWED_VALUES = {
     "dataset.name": ("digits",),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "diffusion.beta_schedule": ("linear", "cosine"),
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
+    "diffusion.loss_weighting": ("uniform", "min_snr"),
     "diffusion.prediction_type": ("eps", "v", "x0"),
     "optimizer.schedule": ("cosine", "constant"),
-    "sampling.sampler": ("ddim",),
+    "sampling.sampler": ("ddim", "ddpm", "dpm_solver_pp_2m"),
+    "sampling.spacing": ("linspace", "leading", "trailing"),
+    "sampling.ddpm_variance": ("small", "large"),
+    "sampling.x0_clipping": ("static", "dynamic", "none"),
 }
 
 
@@ -139,6 +153,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")
   if not 0.0 <= config.diffusion.p_uncond <= 1.0:
     raise UserError(f"config.diffusion.p_uncond={config.diffusion.p_uncond} must be in [0, 1]")
+  if config.diffusion.zero_terminal_snr and config.diffusion.prediction_type == "eps":
+    raise UserError("config.diffusion.zero_terminal_snr=True needs prediction_type 'v' or 'x0': ε "
+                    "prediction cannot recover x0 where alphas_cumprod is 0")
   unet = config.model.unet
   if len(unet.transformer_depth) != len(unet.channel_mult):
     raise UserError(f"config.model.unet.transformer_depth={tuple(unet.transformer_depth)} needs one "
@@ -166,3 +183,17 @@ def _tuples(value: Any) -> Any:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
+def with_defaults(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`saved` on top of today's defaults, so a run written before a key existed still loads."""
+  merged = get_default_config()
+  for key, value in _flatten(saved).items():
+    *parents, leaf = key.split(".")
+    node = merged
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    node[leaf] = value
+  return merged

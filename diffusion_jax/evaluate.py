@@ -12,6 +12,7 @@ from absl import flags, logging
 
 from diffusion_jax import cli, evaluation, inference
 from diffusion_jax.data.builders import digits
+from diffusion_jax.diffusion import vlb
 from diffusion_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
@@ -22,6 +23,10 @@ _TEMPLATES = flags.DEFINE_string("templates", "0", "Caption templates to prompt 
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 50, "Samples per digit, template and scale.")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_NLL_TIMESTEPS = flags.DEFINE_integer("nll_timesteps", 100, "Timesteps sampled per batch for the NLL "
+                                      "bound (unbiased estimate); 0 = all T (exact in t); -1 = skip NLL.")
+_NLL_VARIANCE = flags.DEFINE_enum("nll_variance", "fixed_large", list(vlb.MODEL_VARIANCES),
+                                  "Fixed reverse-process variance for the NLL bound.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -48,6 +53,9 @@ def main(argv):
   metrics = evaluation.prompt_accuracy(loaded, scales, num_per_prompt=_NUM_PER_PROMPT.value,
                                        num_steps=_STEPS.value, seed=_SEED.value,
                                        templates=_parse_templates(_TEMPLATES.value))
+  if _NLL_TIMESTEPS.value >= 0:
+    metrics.update(evaluation.nll_bits_per_dim(
+        loaded, num_timesteps=_NLL_TIMESTEPS.value or None, model_variance=_NLL_VARIANCE.value, seed=_SEED.value))
   result = {"step": loaded.step, "num_per_prompt": _NUM_PER_PROMPT.value, "sampler": "ddim",
             "steps": _STEPS.value, "seed": _SEED.value, **metrics}
   path = os.path.join(os.path.abspath(_WORKDIR.value), "eval", f"{loaded.step}.json")

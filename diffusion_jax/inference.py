@@ -35,7 +35,7 @@ def read_config(workdir: str):
   if not os.path.isfile(path):
     raise UserError(f"{path!r} does not exist; is {workdir!r} the workdir of a training run?")
   with open(path, encoding="utf-8") as f:
-    return config_lib.from_json(f.read())
+    return config_lib.with_defaults(config_lib.from_json(f.read()))
 
 
 def load_from_workdir(workdir: str, step: int | None = None) -> LoadedModel:
@@ -55,6 +55,6 @@ def load_from_workdir(workdir: str, step: int | None = None) -> LoadedModel:
   abstract = train_state.abstract_train_state(model, tx, mesh, mesh_lib.logical_rules(config))
   state = checkpointer.restore(step, abstract)
   checkpointer.close()
-  schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
+  schedule = schedules.schedule_from_config(config)
   return LoadedModel(config, model, schedule, ByteTokenizer(config.text.max_length),
                      jax.device_get(state.ema_params), step)

@@ -14,6 +14,7 @@ from absl import flags, logging
 from diffusion_jax import cli, inference, sampling
 from diffusion_jax import images as images_lib
 from diffusion_jax.data.builders import digits
+from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 
@@ -22,10 +23,17 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest
 _PROMPTS = flags.DEFINE_string("prompts", ";".join(digits.caption_for(d) for d in range(10)),
                                "';'-separated prompts.")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 8, "Images per prompt.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale s (1 = no guidance).")
-_SAMPLER = flags.DEFINE_string("sampler", "ddim", f"One of {sampling.SAMPLERS}.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
-_ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 = deterministic).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale s (1 = no guidance); "
+                                "default: the run's config.sampling.guidance_scale.")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt for the unconditional branch (default: '').")
+# Sampler options; each defaults to the run's config.sampling value.
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Sampler.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps.")
+_SPACING = flags.DEFINE_enum("spacing", None, list(samplers.SPACINGS), "Timestep spacing.")
+_ETA = flags.DEFINE_float("eta", None, "DDIM η (0 = deterministic).")
+_X0_CLIPPING = flags.DEFINE_enum("x0_clipping", None, list(samplers.X0_CLIPPINGS), "Clipping of x̂0.")
+_RESCALE = flags.DEFINE_float("guidance_rescale", None, "Guidance rescale φ (Lin et al. 2023).")
+_INTERVAL = flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only for t/T in [lo, hi].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz; the PNG grid is written beside it.")
 flags.mark_flags_as_required(["workdir"])
@@ -39,18 +47,29 @@ def main(argv):
     raise UserError("give at least one prompt (--prompts='a;b') and --num_per_prompt >= 1")
   # Fail on a bad workdir or an over-long prompt before loading or compiling anything.
   tokenizer = ByteTokenizer(inference.read_config(_WORKDIR.value).text.max_length)
-  for p in prompts:
+  for p in prompts + [_NEGATIVE.value or ""]:
     tokenizer.encode(p)
   loaded = inference.load_from_workdir(_WORKDIR.value, _STEP.value)
   all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
-  sample_fn = sampling.make_sample_fn(loaded.model, loaded.schedule, sampler=_SAMPLER.value,
-                                      num_steps=_STEPS.value, eta=_ETA.value,
-                                      prediction_type=loaded.config.diffusion.prediction_type)
+  interval = None
+  if _INTERVAL.value is not None:
+    try:
+      interval = tuple(float(v) for v in _INTERVAL.value)
+    except ValueError as exc:
+      raise UserError(f"--guidance_interval={','.join(_INTERVAL.value)}: {exc}") from exc
+    if len(interval) != 2:
+      raise UserError(f"--guidance_interval={','.join(_INTERVAL.value)} needs two numbers lo,hi")
+  options = sampling.sampler_options(
+      loaded.config, sampler=_SAMPLER.value, num_steps=_STEPS.value, spacing=_SPACING.value, eta=_ETA.value,
+      x0_clipping=_X0_CLIPPING.value, guidance_rescale=_RESCALE.value, guidance_interval=interval)
+  sample_fn = sampling.make_sample_fn(loaded.model, loaded.schedule, options)
+  scale = loaded.config.sampling.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+  negative = loaded.config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
   images = images_lib.to_uint8(sampling.generate(sample_fn, loaded.params, loaded.tokenizer, all_prompts,
-                                                 _GUIDANCE.value, _SEED.value))
+                                                 scale, _SEED.value, negative))
   out = os.path.abspath(_OUT.value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  np.savez(out, images=images, prompts=np.asarray(all_prompts), guidance_scale=np.float32(_GUIDANCE.value),
+  np.savez(out, images=images, prompts=np.asarray(all_prompts), guidance_scale=np.float32(scale),
            seed=np.int64(_SEED.value), step=np.int64(loaded.step))
   png = os.path.splitext(out)[0] + ".png"
   images_lib.save_png(png, images_lib.make_grid(images, num_rows=len(prompts), upscale=4))

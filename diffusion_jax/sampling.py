@@ -11,22 +11,25 @@ import numpy as np
 
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
-from diffusion_jax.errors import UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import TextToImageModel
 
-SAMPLERS = ("ddim",)
+def sampler_options(config, **overrides) -> samplers.SamplerOptions:
+  """SamplerOptions from config.sampling and config.diffusion; keyword arguments override."""
+  sc = config.sampling
+  options = dict(sampler=sc.sampler, num_steps=sc.num_steps, spacing=sc.spacing, eta=sc.eta,
+                 ddpm_variance=sc.ddpm_variance, prediction_type=config.diffusion.prediction_type,
+                 x0_clipping=sc.x0_clipping, dynamic_threshold_percentile=sc.dynamic_threshold_percentile,
+                 guidance_rescale=sc.guidance_rescale, guidance_interval=tuple(sc.guidance_interval))
+  options.update({k: v for k, v in overrides.items() if v is not None})
+  return samplers.SamplerOptions(**options)
 
 
-def make_sample_fn(model: TextToImageModel, schedule: NoiseSchedule, *, sampler: str, num_steps: int,
-                   eta: float, prediction_type: str):
+def make_sample_fn(model: TextToImageModel, schedule: NoiseSchedule, options: samplers.SamplerOptions):
   """A jitted fn(params, tokens [N, L], uncond_tokens [N, L], guidance_scale [N], rng) → images
   [N, H, W, C] float32 in [-1, 1]. Compiles once per N (the scales are data, so a sweep does not
   recompile)."""
-  if sampler not in SAMPLERS:
-    raise UserError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
-  if not 1 <= num_steps <= schedule.num_timesteps:
-    raise UserError(f"steps={num_steps} must be in [1, {schedule.num_timesteps}]")
+  options.validate(schedule.num_timesteps)
 
   def sample(params, tokens, uncond_tokens, guidance_scale, rng):
     encode = functools.partial(model.apply, {"params": params}, method=TextToImageModel.encode_text)
@@ -34,9 +37,8 @@ def make_sample_fn(model: TextToImageModel, schedule: NoiseSchedule, *, sampler:
                                              method=TextToImageModel.denoise)
     noise_rng, sampler_rng = jax.random.split(rng)
     x_T = jax.random.normal(noise_rng, (tokens.shape[0],) + tuple(model.image_shape))
-    return samplers.ddim_sample(denoise, schedule, x_T, encode(tokens), encode(uncond_tokens),
-                                guidance_scale, sampler_rng, num_steps=num_steps, eta=eta,
-                                prediction_type=prediction_type)
+    return samplers.sample(denoise, schedule, x_T, encode(tokens), encode(uncond_tokens), guidance_scale,
+                           sampler_rng, options)
 
   return jax.jit(sample)
 
@@ -50,9 +52,11 @@ def tokenize_prompts(tokenizer: ByteTokenizer, prompts: Sequence[str], negative_
 
 
 def generate(sample_fn, params: Any, tokenizer: ByteTokenizer, prompts: Sequence[str],
-             guidance_scale: float | Sequence[float], seed: int) -> np.ndarray:
-  """Images [len(prompts), H, W, C] float32 in [-1, 1] for each prompt, from `seed`."""
-  tokens, uncond = tokenize_prompts(tokenizer, prompts)
+             guidance_scale: float | Sequence[float], seed: int, negative_prompt: str = "") -> np.ndarray:
+  """Images [len(prompts), H, W, C] float32 in [-1, 1] for each prompt, from `seed`.
+
+  The unconditional branch of guidance uses `negative_prompt` (the empty prompt by default)."""
+  tokens, uncond = tokenize_prompts(tokenizer, prompts, negative_prompt)
   scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (len(prompts),))
   images = sample_fn(params, jnp.asarray(tokens), jnp.asarray(uncond), jnp.asarray(scales),
                      jax.random.PRNGKey(seed))

@@ -44,7 +44,9 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   def loss_fn(params):
     predict = lambda x_t, t: model.apply({"params": params}, x_t, t, tokens, train=True,
                                          rngs={"dropout": dropout_rng})
-    return losses.diffusion_loss(predict, x0, schedule, config.diffusion.prediction_type, loss_rng)
+    return losses.diffusion_loss(predict, x0, schedule, config.diffusion.prediction_type, loss_rng,
+                                 weighting=config.diffusion.loss_weighting,
+                                 min_snr_gamma=config.diffusion.min_snr_gamma)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -97,7 +99,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                     f"{mesh_lib.data_parallel_size(mesh)} (mesh data × fsdp = {dict(mesh.shape)})")
   model = create_model(config)
   tx = train_state.create_optimizer(config)
-  schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
+  schedule = schedules.schedule_from_config(config)
   tokenizer = ByteTokenizer(config.text.max_length)
 
   train_iter = pipeline.create_train_iterator(config)
@@ -118,9 +120,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                         empty_tokens=jnp.asarray(tokenizer.encode(""))),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
       donate_argnums=0)
-  sample_fn = sampling.make_sample_fn(model, schedule, sampler=config.sampling.sampler,
-                                      num_steps=config.sampling.num_steps, eta=config.sampling.eta,
-                                      prediction_type=config.diffusion.prediction_type)
+  sample_fn = sampling.make_sample_fn(model, schedule, sampling.sampler_options(config))
   prompts = [p for p in canonical_prompts(config) for _ in range(config.sampling.num_per_prompt)]
 
   writer = metric_writers.create_writer(workdir)
@@ -152,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
       if step % config.sample_every_steps == 0 or step == config.num_train_steps:
         images = sampling.generate(sample_fn, state.ema_params, tokenizer, prompts,
-                                   config.sampling.guidance_scale, config.seed)
+                                   config.sampling.guidance_scale, config.seed, config.sampling.negative_prompt)
         grid = images_lib.make_grid(images_lib.to_uint8(images), num_rows=len(prompts) //
                                     config.sampling.num_per_prompt, upscale=4)
         if is_main:

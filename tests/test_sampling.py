@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import sampling
-from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion import samplers, schedules
 from diffusion_jax.errors import UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import create_model
@@ -24,7 +24,7 @@ def setup():
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32),
                                tokens)["params"])
   schedule = schedules.make_schedule("cosine", config.diffusion.num_timesteps)
-  fn = sampling.make_sample_fn(model, schedule, sampler="ddim", num_steps=4, eta=0.0, prediction_type="eps")
+  fn = sampling.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=4))
   return fn, _randomize(params), tok
 
 
@@ -55,6 +55,6 @@ def test_bad_sampler_settings_are_clear_errors(setup):
   _, _, _ = setup
   schedule = schedules.make_schedule("cosine", 100)
   with pytest.raises(UserError, match="unknown sampler 'euler'"):
-    sampling.make_sample_fn(None, schedule, sampler="euler", num_steps=4, eta=0.0, prediction_type="eps")
+    sampling.make_sample_fn(None, schedule, samplers.SamplerOptions(sampler="euler"))
   with pytest.raises(UserError, match=r"steps=500 must be in \[1, 100\]"):
-    sampling.make_sample_fn(None, schedule, sampler="ddim", num_steps=500, eta=0.0, prediction_type="eps")
+    sampling.make_sample_fn(None, schedule, samplers.SamplerOptions(num_steps=500))

@@ -50,9 +50,36 @@ def to_eps_and_x0(prediction_type: str, output: jax.Array, x_t: jax.Array,
   raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def loss_weight(weighting: str, prediction_type: str, alpha_bar: jax.Array, gamma: float = 5.0) -> jax.Array:
+  """Per-example weight [B] on ||target − output||².
+
+  uniform: 1 (DDPM's simple loss in the chosen parameterization).
+  min_snr (Hang et al. 2023): the x0-space weight min(SNR, γ), expressed in each parameterization:
+  ||ε-error||² = SNR·||x0-error||² and ||v-error||² = (SNR + 1)·||x0-error||², so the weights are
+  min(SNR, γ)/SNR (ε), min(SNR, γ)/(SNR + 1) (v) and min(SNR, γ) (x0): the same objective in all three.
+  """
+  if weighting == "uniform":
+    return jnp.ones_like(alpha_bar)
+  if weighting != "min_snr":
+    raise ValueError(f"loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+  snr = alpha_bar / (1.0 - alpha_bar)
+  clipped = jnp.minimum(snr, gamma)
+  if prediction_type == "eps":
+    return clipped / snr
+  if prediction_type == "v":
+    return clipped / (snr + 1.0)
+  if prediction_type == "x0":
+    return clipped
+  raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
+
+
 def diffusion_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
-                   schedule: NoiseSchedule, prediction_type: str, rng: jax.Array) -> jax.Array:
-  """Monte-Carlo estimate of E_{t, ε} ||target − f(x_t, t)||², one (t, ε) per example.
+                   schedule: NoiseSchedule, prediction_type: str, rng: jax.Array, *,
+                   weighting: str = "uniform", min_snr_gamma: float = 5.0) -> jax.Array:
+  """Monte-Carlo estimate of E_{t, ε} w_t·||target − f(x_t, t)||², one (t, ε) per example.
 
   predict_fn(x_t [B, H, W, C], t [B] int32) → [B, H, W, C]. x0: [B, H, W, C] in [-1, 1].
   Returns the scalar mean over batch and pixels.
@@ -63,4 +90,5 @@ def diffusion_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: 
   alpha_bar = schedule.alphas_cumprod[t]
   x_t = q_sample(x0, alpha_bar, noise)
   target = prediction_target(prediction_type, x0, noise, alpha_bar)
-  return jnp.mean((predict_fn(x_t, t) - target) ** 2)
+  per_example = jnp.mean((predict_fn(x_t, t) - target) ** 2, axis=tuple(range(1, x0.ndim)))
+  return jnp.mean(loss_weight(weighting, prediction_type, alpha_bar, min_snr_gamma) * per_example)
