@@ -42,6 +42,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.sample_every_steps = 500
   c.max_checkpoints_to_keep = 3
+  c.gradient_accumulation_steps = 1  # Micro-batches per step (same update as one big batch).
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"
@@ -54,7 +55,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.text.max_length = 32  # Tokens per prompt, BOS and EOS included.
 
   c.model = ml_collections.ConfigDict()
-  c.model.dtype = "float32"  # Compute dtype; parameters are always float32.
+  c.model.dtype = "float32"  # Compute dtype ("bfloat16" for mixed precision); parameters stay float32.
+  c.model.remat_policy = "none"  # Activation checkpointing of U-Net blocks: none, full, dots, dots_no_batch.
   c.model.text_encoder = ml_collections.ConfigDict()
   c.model.text_encoder.width = 64
   c.model.text_encoder.depth = 2
@@ -108,12 +110,15 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 = "all remaining devices".
   c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+  # A parameter dimension that its mesh axes do not divide is an error, or, if True, replicated.
+  c.mesh.replicate_indivisible = False
   return c
 
 
 ALLOWED_VALUES = {
     "dataset.name": ("digits",),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "diffusion.loss_weighting": ("uniform", "min_snr"),
     "diffusion.prediction_type": ("eps", "v", "x0"),
@@ -147,7 +152,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if given[key] not in allowed:
       raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
   positive = ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
-              "sample_every_steps", "text.max_length", "diffusion.num_timesteps", "sampling.num_steps")
+              "sample_every_steps", "gradient_accumulation_steps", "text.max_length", "diffusion.num_timesteps", "sampling.num_steps")
   for key in positive:
     if given[key] <= 0:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")

@@ -52,7 +52,7 @@ def load_from_workdir(workdir: str, step: int | None = None) -> LoadedModel:
   mesh = mesh_lib.create_mesh(config.mesh.shape)
   model = create_model(config)
   tx = train_state.create_optimizer(config)
-  abstract = train_state.abstract_train_state(model, tx, mesh, mesh_lib.logical_rules(config))
+  abstract = train_state.abstract_train_state(model, tx, mesh, mesh_lib.logical_rules(config), True)
   state = checkpointer.restore(step, abstract)
   checkpointer.close()
   schedule = schedules.schedule_from_config(config)

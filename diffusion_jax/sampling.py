@@ -60,6 +60,9 @@ def generate(sample_fn, params: Any, tokenizer: ByteTokenizer, prompts: Sequence
   scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (len(prompts),))
   images = sample_fn(params, jnp.asarray(tokens), jnp.asarray(uncond), jnp.asarray(scales),
                      jax.random.PRNGKey(seed))
+  if jax.process_count() > 1:  # The result may live on other hosts' devices too.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))
   return np.asarray(jax.device_get(images))
 
 

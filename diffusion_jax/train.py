@@ -33,22 +33,46 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   """One optimizer step on a global batch {'image': uint8 [B, H, W, C], 'tokens': int32 [B, L]}.
 
   Captions are replaced by the empty prompt with probability p_uncond (classifier-free guidance
-  training); the loss is the MSE of the parameterization's target at one random t per example.
+  training); the loss is the (weighted) MSE of the parameterization's target at one random t per
+  example. With gradient_accumulation_steps = k the batch is processed as k micro-batches whose
+  gradients are averaged; all randomness is drawn for the whole batch first, so the step equals the
+  k = 1 step up to float summation order.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 3)
+  drop_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
   x0 = images_lib.to_model_range(batch["image"])
   keep = jax.random.uniform(drop_rng, (x0.shape[0],)) >= config.diffusion.p_uncond
-  tokens = jnp.where(keep[:, None], batch["tokens"], empty_tokens[None, :])
+  inputs = {
+      "x0": x0,
+      "tokens": jnp.where(keep[:, None], batch["tokens"], empty_tokens[None, :]),
+  }
+  inputs["t"], inputs["noise"] = losses.draw_timesteps_and_noise(noise_rng, x0, schedule.num_timesteps)
 
-  def loss_fn(params):
-    predict = lambda x_t, t: model.apply({"params": params}, x_t, t, tokens, train=True,
-                                         rngs={"dropout": dropout_rng})
-    return losses.diffusion_loss(predict, x0, schedule, config.diffusion.prediction_type, loss_rng,
-                                 weighting=config.diffusion.loss_weighting,
-                                 min_snr_gamma=config.diffusion.min_snr_gamma)
+  def loss_fn(params, micro, micro_index):
+    predict = lambda x_t, t: model.apply({"params": params}, x_t, t, micro["tokens"], train=True,
+                                         rngs={"dropout": jax.random.fold_in(dropout_rng, micro_index)})
+    return jnp.mean(losses.per_example_loss(
+        predict, micro["x0"], micro["t"], micro["noise"], schedule, config.diffusion.prediction_type,
+        weighting=config.diffusion.loss_weighting, min_snr_gamma=config.diffusion.min_snr_gamma))
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  k = config.gradient_accumulation_steps
+  grad_fn = jax.value_and_grad(loss_fn)
+  if k == 1:
+    loss, grads = grad_fn(state.params, inputs, 0)
+  else:
+    # Micro-batch j takes rows j, j + k, j + 2k, …: each device's rows are spread evenly over the
+    # micro-batches, so a batch sharded over (data, fsdp) needs no resharding.
+    micro_batches = jax.tree.map(lambda a: a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1), inputs)
+
+    def accumulate(carry, xs):
+      micro, index = xs
+      loss, grads = grad_fn(state.params, micro, index)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(k)))
+    loss, grads = jax.tree.map(lambda a: a / k, (loss, grads))
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up, so early EMA weights are not dominated by the initialization.
@@ -58,6 +82,34 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
              "learning_rate": train_state.learning_rate_schedule(config)(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
   return new_state, metrics
+
+
+def make_train_step(config, model: TextToImageModel, tx: optax.GradientTransformation,
+                    schedule: schedules.NoiseSchedule, state_shardings: Any, mesh):
+  """train_step jitted with explicit shardings: state as its logical axes say, batch over (data, fsdp),
+  metrics replicated; the input state's buffers are donated."""
+  empty_tokens = jnp.asarray(ByteTokenizer(config.text.max_length).encode(""))
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config, empty_tokens=empty_tokens),
+      in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+      out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """This process's rows → the global batch arrays, sharded over (data, fsdp)."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in ("image", "tokens")}
+
+
+def check_batch_divisibility(config, mesh) -> None:
+  """The global batch must split evenly over processes, data-parallel devices and micro-batches."""
+  dp, k = mesh_lib.data_parallel_size(mesh), config.gradient_accumulation_steps
+  if config.batch_size % dp:
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
+                    f"(mesh data × fsdp of {dict(mesh.shape)})")
+  if (config.batch_size // dp) % k:
+    raise UserError(f"batch_size={config.batch_size} gives {config.batch_size // dp} examples per "
+                    f"data-parallel device, not divisible by gradient_accumulation_steps={k}")
 
 
 def canonical_prompts(config) -> list[str]:
@@ -94,16 +146,15 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   mesh = mesh_lib.create_mesh(config.mesh.shape)
   rules = mesh_lib.logical_rules(config)
-  if config.batch_size % mesh_lib.data_parallel_size(mesh):
-    raise UserError(f"batch_size={config.batch_size} is not divisible by the data-parallel size "
-                    f"{mesh_lib.data_parallel_size(mesh)} (mesh data × fsdp = {dict(mesh.shape)})")
+  check_batch_divisibility(config, mesh)
   model = create_model(config)
   tx = train_state.create_optimizer(config)
   schedule = schedules.schedule_from_config(config)
   tokenizer = ByteTokenizer(config.text.max_length)
 
   train_iter = pipeline.create_train_iterator(config)
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, mesh, rules)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, mesh, rules,
+                                                    config.mesh.replicate_indivisible)
   logging.info("Model: %s parameters (%s text encoder).", f"{train_state.param_count(state.params):,}",
                f"{train_state.param_count(state.params['text_encoder']):,}")
   checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
@@ -114,12 +165,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
     logging.info("Resuming at step %d.", latest)
   initial_step = int(jax.device_get(state.step))
 
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
-                        empty_tokens=jnp.asarray(tokenizer.encode(""))),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
-      donate_argnums=0)
+  step_fn = make_train_step(config, model, tx, schedule, shardings, mesh)
   sample_fn = sampling.make_sample_fn(model, schedule, sampling.sampler_options(config))
   prompts = [p for p in canonical_prompts(config) for _ in range(config.sampling.num_per_prompt)]
 
@@ -134,10 +180,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   with mesh, nn.logical_axis_rules(rules):
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        local = next(train_iter)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-                 for k in ("image", "tokens")}
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, global_batch(next(train_iter), mesh))
       pending_metrics.append(metrics)
       progress(step)
 

@@ -57,24 +57,26 @@ def _init_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTrans
                     opt_state=tx.init(params), rng=state_rng)
 
 
-def state_shardings(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules) -> Any:
+def state_shardings(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules,
+                    replicate_indivisible: bool = False) -> Any:
   """NamedShardings of the (unboxed) TrainState, from the parameters' logical axis names."""
   abstract = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx))
-  return mesh_lib.logical_to_sharding(abstract, mesh, rules)
+  return mesh_lib.logical_to_sharding(abstract, mesh, rules, replicate_indivisible=replicate_indivisible)
 
 
 def create_train_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTransformation,
-                       mesh, rules) -> tuple[TrainState, Any]:
+                       mesh, rules, replicate_indivisible: bool = False) -> tuple[TrainState, Any]:
   """Initializes every leaf directly on its shards; returns (state, its shardings)."""
-  shardings = state_shardings(model, tx, mesh, rules)
+  shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
   init = jax.jit(lambda r: nn.unbox(_init_state(r, model, tx)), out_shardings=shardings)
   with mesh, nn.logical_axis_rules(rules):
     return init(rng), shardings
 
 
-def abstract_train_state(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules) -> Any:
+def abstract_train_state(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules,
+                         replicate_indivisible: bool = False) -> Any:
   """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
-  shardings = state_shardings(model, tx, mesh, rules)
+  shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
   shapes = jax.eval_shape(lambda: nn.unbox(_init_state(jax.random.PRNGKey(0), model, tx)))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 

@@ -53,17 +53,24 @@ def test_each_epoch_is_a_new_permutation_of_all_examples(config):
   assert not np.array_equal(epochs[0], epochs[1])
 
 
-def test_process_shards_are_disjoint_and_cover_the_split(config):
-  config.batch_size = 10
-  seen = []
-  for index in range(2):
-    ds = pipeline.make_dataset(config, "test", shuffle=False, repeat=False, process_index=index,
-                               process_count=2)
-    # Each process gets batch_size / process_count examples per batch.
-    batches = list(ds)
-    assert batches[0]["image"].shape[0] == 5
-    seen.append(np.concatenate([b["image"].reshape(len(b["image"]), -1) for b in batches]))
-  assert len(seen[0]) + len(seen[1]) == 297
-  all_rows = [bytes(r) for r in np.concatenate(seen)]
-  ref = [bytes(r) for b in pipeline.iterate_split(config, "test") for r in b["image"].reshape(len(b["image"]), -1)]
-  assert sorted(all_rows) == sorted(ref)
+def test_processes_read_disjoint_slices_of_the_same_global_batches(config):
+  """With P processes, concatenating the local batches gives exactly the 1-process global batch."""
+  config.batch_size = 12
+  single = iter(pipeline.make_dataset(config, "train", shuffle=True, repeat=True, process_index=0, process_count=1))
+  shards = [iter(pipeline.make_dataset(config, "train", shuffle=True, repeat=True, process_index=p,
+                                       process_count=3)) for p in range(3)]
+  for _ in range(3):
+    global_batch = next(single)
+    local = [next(it) for it in shards]
+    assert all(b["image"].shape[0] == 4 for b in local)
+    for key in ("image", "tokens", "label"):
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), global_batch[key])
+
+
+def test_one_pass_over_a_split_covers_it_once(config):
+  config.batch_size = 100
+  batches = list(pipeline.iterate_split(config, "test"))
+  assert [len(b["label"]) for b in batches] == [100, 100, 97]
+  rows = sorted(bytes(r) for b in batches for r in b["image"].reshape(len(b["image"]), -1))
+  raw = pipeline.data_source(config, "test")
+  assert rows == sorted(bytes(np.asarray(raw[i]["image"]).reshape(-1)) for i in range(len(raw)))

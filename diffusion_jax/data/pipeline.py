@@ -1,8 +1,10 @@
 """Input pipeline: TFDS ArrayRecord → `tfds.data_source` → grain → host-local numpy batches.
 
-Each process reads only its shard of the examples (`process_index::process_count`), shuffles it with
-a fresh permutation every epoch, tokenizes the captions and batches. Everything is a deterministic
-function of `config.seed`, and the iterator's position can be saved and restored (grain state).
+The global stream is one seeded shuffle of the split (a fresh permutation every epoch), cut into
+global batches; process p of P reads only rows [p·b, (p+1)·b) of each global batch (b = B / P), so the
+global batch is the same whatever the number of processes, and each process touches only its share.
+Everything is a deterministic function of `config.seed`, and each process's iterator position can be
+saved and restored (grain state).
 """
 
 from __future__ import annotations
@@ -73,19 +75,20 @@ def local_batch_size(global_batch_size: int) -> int:
 
 def make_dataset(config, split: str, *, shuffle: bool, repeat: bool,
                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
-  """The grain dataset of host-local batches for this process."""
+  """The grain dataset of this process's host-local batches of batch_size / process_count examples."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   tokenizer = ByteTokenizer(config.text.max_length)
   image_shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
-  ds = grain.MapDataset.source(data_source(config, split))[process_index::process_count]
-  ds = ds.seed(config.seed)
+  ds = grain.MapDataset.source(data_source(config, split)).seed(config.seed)
   if shuffle:
     ds = ds.shuffle()  # A new permutation each epoch (grain folds the epoch into the seed).
   if repeat:
     ds = ds.repeat(None)
   ds = ds.map(Tokenize(tokenizer, image_shape))
-  ds = ds.batch(config.batch_size // process_count, drop_remainder=repeat)
+  # Local batch k·P + p is the p-th slice of global batch k. MapDataset is lazy: a process only
+  # reads and decodes the examples of its own slices.
+  ds = ds.batch(config.batch_size // process_count, drop_remainder=repeat)[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.dataset.num_threads, prefetch_buffer_size=4))
 
 

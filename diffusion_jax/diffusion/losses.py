@@ -76,6 +76,24 @@ def loss_weight(weighting: str, prediction_type: str, alpha_bar: jax.Array, gamm
   raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
 
+def draw_timesteps_and_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int) -> tuple[jax.Array, jax.Array]:
+  """One uniform t ∈ [0, T) [B] int32 and one ε ~ N(0, I) [B, …] per example."""
+  t_rng, noise_rng = jax.random.split(rng)
+  t = jax.random.randint(t_rng, (x0.shape[0],), 0, num_timesteps)
+  return t, jax.random.normal(noise_rng, x0.shape, x0.dtype)
+
+
+def per_example_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, t: jax.Array,
+                     noise: jax.Array, schedule: NoiseSchedule, prediction_type: str, *,
+                     weighting: str = "uniform", min_snr_gamma: float = 5.0) -> jax.Array:
+  """w_t·||target − f(x_t, t)||² averaged over pixels: [B]. x0, noise: [B, H, W, C]; t: [B]."""
+  alpha_bar = schedule.alphas_cumprod[t]
+  x_t = q_sample(x0, alpha_bar, noise)
+  target = prediction_target(prediction_type, x0, noise, alpha_bar)
+  mse = jnp.mean((predict_fn(x_t, t).astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
+  return loss_weight(weighting, prediction_type, alpha_bar, min_snr_gamma) * mse
+
+
 def diffusion_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
                    schedule: NoiseSchedule, prediction_type: str, rng: jax.Array, *,
                    weighting: str = "uniform", min_snr_gamma: float = 5.0) -> jax.Array:
@@ -84,11 +102,6 @@ def diffusion_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: 
   predict_fn(x_t [B, H, W, C], t [B] int32) → [B, H, W, C]. x0: [B, H, W, C] in [-1, 1].
   Returns the scalar mean over batch and pixels.
   """
-  t_rng, noise_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  alpha_bar = schedule.alphas_cumprod[t]
-  x_t = q_sample(x0, alpha_bar, noise)
-  target = prediction_target(prediction_type, x0, noise, alpha_bar)
-  per_example = jnp.mean((predict_fn(x_t, t) - target) ** 2, axis=tuple(range(1, x0.ndim)))
-  return jnp.mean(loss_weight(weighting, prediction_type, alpha_bar, min_snr_gamma) * per_example)
+  t, noise = draw_timesteps_and_noise(rng, x0, schedule.num_timesteps)
+  return jnp.mean(per_example_loss(predict_fn, x0, t, noise, schedule, prediction_type,
+                                   weighting=weighting, min_snr_gamma=min_snr_gamma))

@@ -18,6 +18,13 @@ from diffusion_jax.models import layers
 from diffusion_jax.models.text_encoder import TextEncoder
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
 class ResBlock(nn.Module):
   """GN → SiLU → conv, + timestep embedding, GN → SiLU → dropout → conv (zero-init), + skip."""
 
@@ -102,6 +109,7 @@ class UNet(nn.Module):
   dropout: float
   use_linear_projection: bool
   dtype: Any = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array,
@@ -113,9 +121,14 @@ class UNet(nn.Module):
     temb = temb + layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="pooled_text_proj")(pooled)
     context = context.astype(self.dtype)
 
-    res = lambda ch, name: ResBlock(ch, self.norm_groups, self.dropout, self.dtype, name=name)
-    attn = lambda depth, name: SpatialTransformer(depth, self.head_dim, self.norm_groups,
-                                                  self.use_linear_projection, self.dtype, name=name)
+    res_block, transformer = ResBlock, SpatialTransformer
+    if self.remat_policy != "none":  # Recompute block activations in the backward pass.
+      policy = REMAT_POLICIES[self.remat_policy]
+      res_block = nn.remat(ResBlock, static_argnums=(3,), policy=policy)  # `train` (self is 0).
+      transformer = nn.remat(SpatialTransformer, policy=policy)
+    res = lambda ch, name: res_block(ch, self.norm_groups, self.dropout, self.dtype, name=name)
+    attn = lambda depth, name: transformer(depth, self.head_dim, self.norm_groups,
+                                           self.use_linear_projection, self.dtype, name=name)
     h = layers.conv(self.channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     h = nn.with_logical_constraint(h, ("batch", None, None, "conv_out"))
     skips = [h]
@@ -182,6 +195,6 @@ def create_model(config) -> TextToImageModel:
                              te.mlp_ratio, dtype, name="text_encoder")
   unet = UNet(config.dataset.channels, un.channels, tuple(un.channel_mult), un.num_res_blocks,
               tuple(un.transformer_depth), un.mid_transformer_depth, un.head_dim, un.norm_groups,
-              un.dropout, un.use_linear_projection, dtype, name="unet")
+              un.dropout, un.use_linear_projection, dtype, config.model.remat_policy, name="unet")
   size = config.dataset.image_size
   return TextToImageModel(text_encoder, unet, (size, size, config.dataset.channels))

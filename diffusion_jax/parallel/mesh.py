@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from absl import logging
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -42,10 +43,42 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
                for name, axes in config.mesh.logical_axis_rules)
 
 
-def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules) -> Any:
-  """A pytree of NamedShardings for a tree whose leaves may be `nn.Partitioned` boxes."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules, *, replicate_indivisible: bool = False) -> Any:
+  """A pytree of NamedShardings for a tree whose leaves may be `nn.Partitioned` boxes.
+
+  A dimension whose size is not divisible by the mesh axes its logical name maps to is an error
+  naming the array, or, with `replicate_indivisible`, is replicated (logged once per array).
+  """
+  logical = nn.get_partition_spec(boxed_tree)
+  mesh_specs = nn.logical_to_mesh(logical, rules)
+  shapes = jax.tree.map(lambda x: tuple(x.shape), nn.unbox(boxed_tree))
+  replicated_names = []
+
+  def check(path, spec, logical_spec, shape):
+    fixed = []
+    for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+      names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if shape[dim] % size:
+        where = jax.tree_util.keystr(path)
+        if not replicate_indivisible:
+          raise UserError(
+              f"{where} has shape {shape}: dimension {dim} (logical axis {logical_spec[dim]!r}) of size "
+              f"{shape[dim]} is not divisible by mesh axes {names} of size {size}; change "
+              f"config.mesh.logical_axis_rules or the mesh, or set config.mesh.replicate_indivisible=True")
+        replicated_names.append(f"{where}[{dim}]")
+        axes = None
+      fixed.append(axes)
+    return NamedSharding(mesh, PartitionSpec(*fixed))
+
+  shardings = jax.tree_util.tree_map_with_path(check, mesh_specs, logical, shapes, is_leaf=_is_spec)
+  if replicated_names:
+    logging.warning("Replicating %d indivisible dimensions: %s", len(replicated_names), replicated_names)
+  return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

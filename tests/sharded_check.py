@@ -1,0 +1,102 @@
+"""Run by tests/test_parallel.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set
+before jax is imported). Trains a few steps on the same batches on several meshes and prints, as JSON,
+how far each is from the 1-device run, and the per-device share of parameter and optimizer bytes."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+
+from diffusion_jax import train, train_state
+from diffusion_jax.data import pipeline
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.errors import UserError
+from diffusion_jax.models.unet import create_model
+from diffusion_jax.parallel import mesh as mesh_lib
+from tests.conftest import tiny_config
+
+STEPS = 3
+
+
+def run(config, devices):
+  mesh = mesh_lib.create_mesh(config.mesh.shape, devices)
+  rules = mesh_lib.logical_rules(config)
+  model, tx = create_model(config), train_state.create_optimizer(config)
+  schedule = schedules.schedule_from_config(config)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, rules,
+                                                    config.mesh.replicate_indivisible)
+  # Zero-initialized output layers make every other gradient exactly 0 at step 0 and tiny after it;
+  # Adam normalizes such float-noise-level gradients to full-size steps, so start from perturbed
+  # parameters, where gradients are well above rounding noise.
+  perturb = jax.jit(lambda s: s.replace(params=jax.tree.map(
+      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), s.params)),
+      out_shardings=shardings)
+  state = perturb(state)
+  step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
+  it = pipeline.create_train_iterator(config)
+  losses = []
+  with mesh, nn.logical_axis_rules(rules):
+    for _ in range(STEPS):
+      state, metrics = step(state, train.global_batch(next(it), mesh))
+      losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def device0_fraction(tree):
+  """Bytes of `tree` stored on device 0 / total logical bytes."""
+  leaves = jax.tree.leaves(tree)
+  total = sum(l.nbytes for l in leaves)
+  on_device0 = sum(s.data.nbytes for l in leaves for s in l.addressable_shards if s.device == jax.devices()[0])
+  return on_device0 / total
+
+
+def main():
+  config = tiny_config(sys.argv[1])
+  config.batch_size = 16
+  config.mesh.replicate_indivisible = True  # conv_in has 1 input channel: it cannot be split 8 ways.
+  config.mesh.shape = (1, 1, 1)
+  base_state, base_losses = run(config, jax.devices()[:1])
+  base = jax.tree.leaves(jax.device_get(base_state.params))
+  report = {"num_devices": jax.device_count(), "baseline_losses": base_losses, "meshes": {}}
+  for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)):
+    config.mesh.shape = shape
+    state, losses = run(config, jax.devices())
+    params = jax.tree.leaves(jax.device_get(state.params))
+    report["meshes"][str(shape)] = {
+        "losses": losses,
+        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses, base_losses)),
+        "max_abs_param_diff": max(float(np.abs(a - b).max()) for a, b in zip(params, base)),
+        "params_fraction_on_device0": device0_fraction(state.params),
+        "opt_state_fraction_on_device0": device0_fraction(state.opt_state),
+    }
+  # Gradient accumulation on a sharded mesh against the same 1-device baseline.
+  config.mesh.shape, config.gradient_accumulation_steps = (1, 4, 2), 2
+  state, losses = run(config, jax.devices())
+  report["accumulate_2_on_(1,4,2)"] = {
+      "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses, base_losses)),
+      "max_abs_param_diff": max(float(np.abs(a - b).max())
+                                for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), base))}
+  config.gradient_accumulation_steps = 1
+  # Clear errors: an indivisible parameter dimension (strict mode) and an indivisible batch.
+  config.mesh.shape, config.mesh.replicate_indivisible = (1, 8, 1), False
+  report["errors"] = {}
+  try:
+    run(config, jax.devices())
+  except UserError as exc:
+    report["errors"]["indivisible_parameter"] = str(exc)
+  config.batch_size = 12
+  try:
+    train.check_batch_divisibility(config, mesh_lib.create_mesh((8, 1, 1)))
+  except UserError as exc:
+    report["errors"]["indivisible_batch"] = str(exc)
+  print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()

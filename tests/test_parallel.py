@@ -1,0 +1,123 @@
+"""Sharding, gradient accumulation, remat and mixed precision.
+
+The multi-device checks run `tests/sharded_check.py` in a subprocess with 8 simulated CPU devices.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import train, train_state
+from diffusion_jax.data import pipeline
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.models.tokenizer import ByteTokenizer
+from diffusion_jax.models.unet import create_model
+from diffusion_jax.parallel import mesh as mesh_lib
+from tests.test_models import _randomize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sharded_report(data_dir):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", DIFFUSION_JAX_DATA_DIR=data_dir)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_check.py"), data_dir], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")][0]
+  return json.loads(line[len("REPORT "):])
+
+
+# float32 on CPU: the sharded runs reduce in another order; measured differences are ≤ 2.4e-7.
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("shape", ["(8, 1, 1)", "(1, 8, 1)", "(1, 4, 2)"])
+def test_sharded_training_matches_one_device(sharded_report, shape):
+  assert sharded_report["num_devices"] == 8
+  result = sharded_report["meshes"][shape]
+  assert result["max_abs_loss_diff"] < TOL, result
+  assert result["max_abs_param_diff"] < TOL, result
+
+
+@pytest.mark.xfail(strict=True, reason="On the (2, 2, 2) mesh the step-0 gradients of some parameters "
+                   "(conv_in, token_embedding) differ by up to ~1e-2 relative although the loss matches; "
+                   "every mesh with one axis of size 1 matches. Not localized yet.")
+def test_three_axis_mesh_matches_one_device(sharded_report):
+  result = sharded_report["meshes"]["(2, 2, 2)"]
+  assert result["max_abs_param_diff"] < TOL, result
+
+
+def test_fsdp_shards_parameters_and_optimizer_state(sharded_report):
+  """Under fsdp = 8 each device holds ≈ 1/8 of the bytes (small replicated tensors add a little)."""
+  fsdp = sharded_report["meshes"]["(1, 8, 1)"]
+  assert 0.125 <= fsdp["params_fraction_on_device0"] < 0.16
+  assert 0.125 <= fsdp["opt_state_fraction_on_device0"] < 0.16
+  assert sharded_report["meshes"]["(8, 1, 1)"]["params_fraction_on_device0"] == 1.0  # Pure data parallel.
+
+
+def test_gradient_accumulation_on_a_sharded_mesh(sharded_report):
+  result = sharded_report["accumulate_2_on_(1,4,2)"]
+  assert result["max_abs_loss_diff"] < TOL and result["max_abs_param_diff"] < TOL, result
+
+
+def test_clear_errors_for_indivisible_shapes(sharded_report):
+  errors = sharded_report["errors"]
+  assert "['unet']['conv_in']['kernel'] has shape (3, 3, 1, 16): dimension 2 (logical axis 'conv_in') of " \
+         "size 1 is not divisible by mesh axes ('fsdp',) of size 8" in errors["indivisible_parameter"]
+  assert errors["indivisible_batch"].startswith("batch_size=12 is not divisible by the data-parallel size 8")
+
+
+def _one_step(config, state_params=None, steps=2):
+  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
+  model, tx = create_model(config), train_state.create_optimizer(config)
+  schedule = schedules.schedule_from_config(config)
+  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, mesh_lib.logical_rules(config))
+  state = state.replace(params=_randomize(state.params) if state_params is None else state_params)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config,
+                                   empty_tokens=jnp.asarray(ByteTokenizer(32).encode(""))))
+  it = pipeline.create_train_iterator(config)
+  losses = []
+  for _ in range(steps):
+    batch = next(it)
+    state, metrics = step(state, {k: jnp.asarray(batch[k]) for k in ("image", "tokens")})
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_gradient_accumulation_equals_one_big_batch(config):
+  config.batch_size = 16
+  base_state, base_losses = _one_step(config)
+  for k in (2, 4):
+    config.gradient_accumulation_steps = k
+    state, losses = _one_step(config)
+    np.testing.assert_allclose(losses, base_losses, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base_state.params)):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_remat_changes_memory_not_results(config):
+  base_state, base_losses = _one_step(config, steps=1)
+  config.model.remat_policy = "full"
+  state, losses = _one_step(config, steps=1)
+  np.testing.assert_allclose(losses, base_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base_state.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(config):
+  base_state, base_losses = _one_step(config, steps=1)
+  config.model.dtype = "bfloat16"
+  state, losses = _one_step(config, steps=1)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.opt_state) if p.ndim)
+  # bf16 has 8 mantissa bits: the loss agrees to ~1%, not to float32 precision.
+  np.testing.assert_allclose(losses, base_losses, rtol=3e-2)
+  assert losses != base_losses  # The computation really ran in another precision.
