@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from configs import smoke
 from diffusion_jax.config import get_default_config
 
 
@@ -19,28 +20,9 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir: str = ""):
-  """A small model and short schedule: a few seconds to compile and run on one CPU core."""
-  c = get_default_config()
+  """configs/smoke.py: a small model and short schedule, a few seconds to compile and run on one core."""
+  c = smoke.get_config()
   c.dataset.data_dir = data_dir
-  c.num_train_steps = 20
-  c.batch_size = 16
-  c.log_every_steps = 10
-  c.checkpoint_every_steps = 10
-  c.sample_every_steps = 20
-  c.text.max_length = 32
-  c.model.text_encoder.width = 32
-  c.model.text_encoder.depth = 1
-  c.model.text_encoder.num_heads = 2
-  c.model.unet.channels = 16
-  c.model.unet.channel_mult = (1, 2)
-  c.model.unet.num_res_blocks = 1
-  c.model.unet.transformer_depth = (0, 1)
-  c.model.unet.head_dim = 16
-  c.model.unet.norm_groups = 4
-  c.diffusion.num_timesteps = 100
-  c.optimizer.warmup_steps = 5
-  c.sampling.num_steps = 5
-  c.sampling.num_per_prompt = 1
   return c
 
 
