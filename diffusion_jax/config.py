@@ -130,12 +130,12 @@ ALLOWED_VALUES = {
 }
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():
     path = f"{prefix}{key}"
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flatten(value, path + "."))
+      out.update(flatten(value, path + "."))
     else:
       out[path] = value
   return out
@@ -143,8 +143,8 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first unknown key or disallowed value."""
-  known = _flatten(get_default_config())
-  given = _flatten(config)
+  known = flatten(get_default_config())
+  given = flatten(config)
   unknown = sorted(set(given) - set(known))
   if unknown:
     raise UserError(f"unknown config key(s) {unknown}; known keys are: {', '.join(sorted(known))}")
@@ -193,7 +193,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def with_defaults(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`saved` on top of today's defaults, so a run written before a key existed still loads."""
   merged = get_default_config()
-  for key, value in _flatten(saved).items():
+  for key, value in flatten(saved).items():
     *parents, leaf = key.split(".")
     node = merged
     for parent in parents:

@@ -125,8 +125,8 @@ def write_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = config_lib.from_json(f.read())
-    changed = sorted(k for k, v in config_lib._flatten(config).items()  # pylint: disable=protected-access
-                     if config_lib._flatten(old).get(k) != v)  # pylint: disable=protected-access
+    changed = sorted(k for k, v in config_lib.flatten(config).items()
+                     if config_lib.flatten(old).get(k) != v)
     if changed:
       logging.warning("Config differs from the previous run in %s: %s", workdir, changed)
   tmp = path + ".tmp"
@@ -171,7 +171,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   writer = metric_writers.create_writer(workdir)
   if initial_step == 0:
-    writer.write_hparams({k: v for k, v in config_lib._flatten(config).items()  # pylint: disable=protected-access
+    writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
                           if isinstance(v, (int, float, str, bool))})
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                              every_steps=config.log_every_steps)
