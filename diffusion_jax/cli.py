@@ -9,7 +9,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from diffusion_jax.errors import UserError  # pylint: disable=unused-import  (re-exported)
+from diffusion_jax.errors import UserError
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
 

@@ -4,6 +4,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from diffusion_jax import cli
+from diffusion_jax.errors import UserError
 from diffusion_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -14,7 +15,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    raise UserError(f"unexpected arguments {argv[1:]}")
   distributed.initialize()
   from diffusion_jax import train  # pylint: disable=g-import-not-at-top  (after jax.distributed)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
