@@ -9,21 +9,15 @@ import pytest
 from diffusion_jax import sampling
 from diffusion_jax.diffusion import samplers, schedules
 from diffusion_jax.errors import UserError
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import create_model
 from tests.conftest import tiny_config
-from tests.test_models import _randomize
+from tests.test_models import _randomize, model_and_params  # pylint: disable=unused-import  (fixture)
 
 
 @pytest.fixture(scope="module")
-def setup():
-  config = tiny_config()
-  model = create_model(config)
-  tok = ByteTokenizer(config.text.max_length)
-  tokens = jnp.asarray(tok.encode_batch(["1", "2"]))
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32),
-                               tokens)["params"])
-  schedule = schedules.make_schedule("cosine", config.diffusion.num_timesteps)
+def setup(model_and_params):  # pylint: disable=redefined-outer-name
+  model, tok, variables = model_and_params
+  params = nn.unbox(variables["params"])
+  schedule = schedules.make_schedule("cosine", tiny_config().diffusion.num_timesteps)
   fn = sampling.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=4))
   return fn, _randomize(params), tok
 
