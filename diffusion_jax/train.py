@@ -6,7 +6,6 @@ import functools
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                                              every_steps=config.log_every_steps)
   pending_metrics: list[dict[str, jax.Array]] = []
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh_lib.activate(mesh, rules):
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, global_batch(next(train_iter), mesh))

@@ -69,7 +69,7 @@ def create_train_state(rng: jax.Array, model: TextToImageModel, tx: optax.Gradie
   """Initializes every leaf directly on its shards; returns (state, its shardings)."""
   shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
   init = jax.jit(lambda r: nn.unbox(_init_state(r, model, tx)), out_shardings=shardings)
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh_lib.activate(mesh, rules):
     return init(rng), shardings
 
 

@@ -9,7 +9,6 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
 
@@ -41,7 +40,7 @@ def run(config, devices):
   step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
   it = pipeline.create_train_iterator(config)
   losses = []
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh_lib.activate(mesh, rules):
     for _ in range(STEPS):
       state, metrics = step(state, train.global_batch(next(it), mesh))
       losses.append(float(metrics["loss"]))

@@ -30,15 +30,45 @@ def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool 
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
+class Conv(nn.Module):
+  """A 2-D convolution with PyTorch-style symmetric padding (kernel_size // 2 on each side).
+
+  x: [B, H, W, C_in] → [B, ceil(H / strides), ceil(W / strides), features]. The kernel
+  [k, k, C_in, features] has logical axes (None, None, conv_in, conv_out); the padding matches
+  `torch.nn.Conv2d(padding=k // 2)`, so imported PyTorch weights compute the same function (for
+  stride 2 on even sizes, 'SAME' would pad (0, 1) instead of (1, 1)).
+  """
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel_init = nn.initializers.zeros_init() if self.zero_init else _default_kernel_init
+    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                      (self.features,), jnp.float32)
+    # Gather the kernel's FSDP shards here, before the convolution. Left to choose, XLA's SPMD
+    # partitioner may keep the kernel sharded over `conv_in` and reshard the activations instead;
+    # with `fsdp` and `tensor` both > 1 it then computes wrong gradients for small spatial sizes
+    # (≤ 4×4) and strided convolutions (jax-ml/jax#16894; reproduced with jax 0.10).
+    kernel = nn.with_logical_constraint(kernel, (None, None, None, "conv_out"))
+    pad = k // 2
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides),
+        ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias.astype(self.dtype)
+
+
 def conv(features: int, kernel_size: int = 3, *, strides: int = 1, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
-  """A 'SAME' conv whose kernel [k, k, in, out] has logical axes (None, None, conv_in, conv_out)."""
-  kernel_init = nn.initializers.zeros_init() if zero_init else _default_kernel_init
-  return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(strides, strides), padding="SAME",
-      dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+         dtype: Dtype = jnp.float32, name: str | None = None) -> Conv:
+  """A `Conv` layer (kept as a function so call sites read like the `dense` helper)."""
+  return Conv(features, kernel_size, strides, zero_init, dtype, name=name)
 
 
 def group_norm(num_groups: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +42,17 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
   """config.mesh.logical_axis_rules as the tuple-of-pairs Flax expects (JSON gives lists)."""
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
                for name, axes in config.mesh.logical_axis_rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules) -> Iterator[None]:
+  """Makes `mesh` and the logical-axis `rules` current while tracing.
+
+  Both are needed for `nn.with_logical_constraint` to constrain anything: Flax reads the mesh from
+  `jax.set_mesh` (the older `with mesh:` context leaves every constraint a silent no-op).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def _is_spec(x: Any) -> bool:
