@@ -41,8 +41,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
   c.sample_every_steps = 500
-  c.max_checkpoints_to_keep = 3
+  c.max_checkpoints_to_keep = 3  # The latest ones.
+  c.keep_best_checkpoints = 0  # Also keep this many with the lowest eval_loss (0 = off).
+  # eval_loss (logged at every checkpoint; ranks checkpoints): the loss on this many test examples
+  # with fixed timesteps and noise, using the EMA parameters.
+  c.eval_num_examples = 256
   c.gradient_accumulation_steps = 1  # Micro-batches per step (same update as one big batch).
+  # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
+  c.max_consecutive_nonfinite_steps = 10
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"
@@ -152,7 +158,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if given[key] not in allowed:
       raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
   positive = ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
-              "sample_every_steps", "gradient_accumulation_steps", "text.max_length", "diffusion.num_timesteps", "sampling.num_steps")
+              "sample_every_steps", "gradient_accumulation_steps", "max_consecutive_nonfinite_steps",
+              "text.max_length", "diffusion.num_timesteps", "sampling.num_steps")
   for key in positive:
     if given[key] <= 0:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")

@@ -15,7 +15,7 @@ from diffusion_jax.data.builders import digits
 from diffusion_jax.diffusion import vlb
 from diffusion_jax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or exported directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _SCALES = flags.DEFINE_list("guidance_scales", ["1", "3"], "Guidance scales to measure.")
 _TEMPLATES = flags.DEFINE_string("templates", "0", "Caption templates to prompt with: indices "
@@ -49,7 +49,7 @@ def main(argv):
     scales = [float(s) for s in _SCALES.value]
   except ValueError as exc:
     raise UserError(f"--guidance_scales={_SCALES.value}: {exc}") from exc
-  loaded = inference.load_from_workdir(_WORKDIR.value, _STEP.value)
+  loaded = inference.load(_WORKDIR.value, _STEP.value)
   metrics = evaluation.prompt_accuracy(loaded, scales, num_per_prompt=_NUM_PER_PROMPT.value,
                                        num_steps=_STEPS.value, seed=_SEED.value,
                                        templates=_parse_templates(_TEMPLATES.value))

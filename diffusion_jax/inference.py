@@ -1,21 +1,31 @@
-"""Loading a trained model from a workdir for sampling and evaluation."""
+"""Loading a trained model for sampling and evaluation, from a training workdir or an exported directory.
+
+- A training workdir: `config.json` + `checkpoints/<step>/`; only the EMA parameters are read from
+  the checkpoint (not the optimizer state or the raw parameters).
+- An exported directory (`python -m diffusion_jax.export`): `config.json` + `params/` (the EMA
+  parameters alone) + `export.json` {'step', 'source', 'num_params', 'params_fingerprint'}.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import train_state
-from diffusion_jax.checkpoint import Checkpointer
+from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.diffusion import schedules
 from diffusion_jax.errors import UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import TextToImageModel, create_model
 from diffusion_jax.parallel import mesh as mesh_lib
+
+EXPORT_MANIFEST = "export.json"
 
 
 @dataclasses.dataclass
@@ -24,37 +34,83 @@ class LoadedModel:
   model: TextToImageModel
   schedule: schedules.NoiseSchedule
   tokenizer: ByteTokenizer
-  params: Any  # EMA parameters.
+  params: Any  # EMA parameters, on the host.
   step: int
 
 
-def read_config(workdir: str):
-  if not os.path.isdir(workdir):
-    raise UserError(f"workdir {workdir!r} does not exist; pass the --workdir of a training run")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path!r} does not exist; is {workdir!r} the workdir of a training run?")
-  with open(path, encoding="utf-8") as f:
-    return config_lib.with_defaults(config_lib.from_json(f.read()))
+def is_export(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, EXPORT_MANIFEST))
 
 
-def load_from_workdir(workdir: str, step: int | None = None) -> LoadedModel:
-  """EMA parameters of `workdir`'s checkpoint at `step` (default: the latest), on all local devices."""
-  config = read_config(workdir)
-  checkpointer = Checkpointer(workdir, read_only=True)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')!r}; train first")
-  step = max(steps) if step is None else step
-  # Inference replicates parameters over a data-parallel mesh of whatever devices are here, so a
-  # checkpoint trained on a different mesh loads as well.
+def read_config(path: str):
+  """The config of a training workdir or an exported directory, merged onto today's defaults."""
+  if not os.path.exists(path):
+    raise UserError(f"{path!r} does not exist; pass the --workdir of a training run or an exported directory")
+  if not os.path.isdir(path):
+    raise UserError(f"{path!r} is not a directory; pass the --workdir of a training run or an exported directory")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise UserError(f"{config_path!r} does not exist; is {path!r} a training workdir or an exported directory?")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      return config_lib.with_defaults(config_lib.from_json(f.read()))
+  except (OSError, ValueError) as exc:
+    raise UserError(f"cannot read {config_path!r}: {exc}") from exc
+
+
+def _inference_setup(config):
+  """The model and abstract EMA parameters, replicated over a data-parallel mesh of the local devices
+  (so parameters trained on any mesh load here)."""
   config.mesh.shape = (-1, 1, 1)
   mesh = mesh_lib.create_mesh(config.mesh.shape)
   model = create_model(config)
-  tx = train_state.create_optimizer(config)
-  abstract = train_state.abstract_train_state(model, tx, mesh, mesh_lib.logical_rules(config), True)
-  state = checkpointer.restore(step, abstract)
-  checkpointer.close()
+  abstract = train_state.abstract_train_state(model, train_state.create_optimizer(config), mesh,
+                                              mesh_lib.logical_rules(config), True)
+  return model, abstract.ema_params
+
+
+def load(path: str, step: int | None = None) -> LoadedModel:
+  """EMA parameters from a training workdir (checkpoint `step`, default the latest) or an export."""
+  config = read_config(path)
+  model, abstract_params = _inference_setup(config)
+  if is_export(path):
+    with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
+      manifest = json.load(f)
+    if step is not None and step != manifest["step"]:
+      raise UserError(f"{path!r} is an export of step {manifest['step']}; --step={step} does not exist there")
+    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract_params)
+    if fingerprint(params) != manifest["params_fingerprint"]:
+      raise UserError(f"the parameters in {path!r} do not match the fingerprint in its {EXPORT_MANIFEST}: "
+                      f"the files are damaged; export again")
+    step = manifest["step"]
+  else:
+    checkpointer = Checkpointer(path, read_only=True)
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoint in {checkpointer.directory!r}; train first")
+    step = max(steps) if step is None else step
+    params = checkpointer.restore_subtree(step, "ema_params", abstract_params)
+    checkpointer.close()
   schedule = schedules.schedule_from_config(config)
-  return LoadedModel(config, model, schedule, ByteTokenizer(config.text.max_length),
-                     jax.device_get(state.ema_params), step)
+  return LoadedModel(config, model, schedule, ByteTokenizer(config.text.max_length), jax.device_get(params), step)
+
+
+def export(workdir: str, out: str, step: int | None = None) -> str:
+  """Writes the EMA parameters of `workdir`'s checkpoint `step` (default: the latest) to `out`."""
+  loaded = load(workdir, step)
+  out = os.path.abspath(out)
+  if os.path.exists(os.path.join(out, "params")):
+    raise UserError(f"{out!r} already holds an export; choose another --out or remove it")
+  os.makedirs(out, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out, "params"), loaded.params)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(loaded.config))
+  manifest = {"step": loaded.step, "source": os.path.abspath(workdir),
+              "num_params": train_state.param_count(loaded.params),
+              "params_fingerprint": fingerprint(loaded.params)}
+  # The manifest comes last: a directory without it is not (yet) an export.
+  with open(os.path.join(out, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  return out

@@ -18,8 +18,9 @@ from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load (config.json + checkpoints).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Training workdir (config.json + checkpoints/) or exported directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the latest.")
 _PROMPTS = flags.DEFINE_string("prompts", ";".join(digits.caption_for(d) for d in range(10)),
                                "';'-separated prompts.")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 8, "Images per prompt.")
@@ -49,7 +50,7 @@ def main(argv):
   tokenizer = ByteTokenizer(inference.read_config(_WORKDIR.value).text.max_length)
   for p in prompts + [_NEGATIVE.value or ""]:
     tokenizer.encode(p)
-  loaded = inference.load_from_workdir(_WORKDIR.value, _STEP.value)
+  loaded = inference.load(_WORKDIR.value, _STEP.value)
   all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
   interval = None
   if _INTERVAL.value is not None:

@@ -15,12 +15,12 @@ from clu import periodic_actions
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import images as images_lib
-from diffusion_jax import metric_writers, sampling, train_state
-from diffusion_jax.checkpoint import Checkpointer
+from diffusion_jax import held_out_loss, metric_writers, preemption, sampling, train_state
+from diffusion_jax.checkpoint import Checkpointer, checkpoint_dir
 from diffusion_jax.data import pipeline
 from diffusion_jax.data.builders import digits
 from diffusion_jax.diffusion import losses, schedules
-from diffusion_jax.errors import UserError
+from diffusion_jax.errors import NonFiniteError, UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import TextToImageModel, create_model
 from diffusion_jax.parallel import mesh as mesh_lib
@@ -72,14 +72,25 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(k)))
     loss, grads = jax.tree.map(lambda a: a / k, (loss, grads))
 
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up, so early EMA weights are not dominated by the initialization.
   decay = jnp.minimum(config.optimizer.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  # A step with a non-finite loss or gradient changes nothing but the counters: the batch is
+  # consumed (the data position and RNG stream stay those of an uninterrupted run) and skipped.
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, ema_params, opt_state = keep_if_finite((params, ema_params, opt_state),
+                                                 (state.params, state.ema_params, state.opt_state))
+  skipped = 1 - finite.astype(jnp.int32)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+                            nonfinite_steps=state.nonfinite_steps + skipped,
+                            nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "skipped_nonfinite": skipped,
+             "nonfinite_streak": new_state.nonfinite_streak,
              "learning_rate": train_state.learning_rate_schedule(config)(state.step)}
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
   return new_state, metrics
 
 
@@ -117,27 +128,57 @@ def canonical_prompts(config) -> list[str]:
   return [digits.caption_for(d) for d in range(10)]
 
 
-def write_config(config, workdir: str) -> None:
-  """Writes workdir/config.json; warns about keys that differ from a previous run in this workdir."""
+# Keys that may change between a run and its resumption: they change logging, the mesh, memory use or
+# the length of the run, not the function the remaining steps compute (gradient accumulation changes
+# only the float summation order).
+RESUME_SAFE_KEYS = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
+                    "max_checkpoints_to_keep", "keep_best_checkpoints", "max_consecutive_nonfinite_steps",
+                    "gradient_accumulation_steps", "eval_num_examples", "dataset.data_dir",
+                    "model.remat_policy", "mesh.", "sampling.")
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Raises UserError when `workdir` holds checkpoints of a run whose config differs from `config` in
+  keys that would make the resumed run silently different (model, data, optimizer, diffusion, seed)."""
   path = os.path.join(workdir, "config.json")
-  text = config_lib.to_json(config)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = config_lib.from_json(f.read())
-    changed = sorted(k for k, v in config_lib.flatten(config).items()
-                     if config_lib.flatten(old).get(k) != v)
-    if changed:
-      logging.warning("Config differs from the previous run in %s: %s", workdir, changed)
+  if not os.path.isfile(path) or not os.path.isdir(checkpoint_dir(workdir)) or not os.listdir(checkpoint_dir(workdir)):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = config_lib.flatten(config_lib.with_defaults(config_lib.from_json(f.read())))
+  new = config_lib.flatten(config)
+  changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+  breaking = {k: d for k, d in changed.items() if not k.startswith(RESUME_SAFE_KEYS)}
+  if breaking:
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(breaking.items()))
+    raise UserError(f"{workdir} holds checkpoints of a run with a different config, which would not resume "
+                    f"the same run: {listed}. Use a new --workdir, or pass the old values")
+  if changed:
+    logging.warning("Resuming with changed settings: %s", {k: f"{a!r} -> {b!r}" for k, (a, b) in changed.items()})
+  if "num_train_steps" in changed and config.optimizer.schedule == "cosine":
+    logging.warning("num_train_steps changed: the cosine learning-rate schedule now decays over %d steps.",
+                    config.num_train_steps)
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes workdir/config.json atomically."""
+  path = os.path.join(workdir, "config.json")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
+    f.write(config_lib.to_json(config))
   os.replace(tmp, path)
 
 
 def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
-  """Trains (resuming from the latest checkpoint in `workdir`), logging, sampling and checkpointing."""
+  """Trains (resuming from the latest good checkpoint in `workdir`), logging, sampling and checkpointing.
+
+  On SIGTERM it saves at the end of the current step and returns; steps with a non-finite loss or
+  gradient are skipped, and NonFiniteError stops the run after too many in a row.
+  """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir!r} exists and is not a directory")
+  check_resumable(config, workdir)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -152,21 +193,26 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   tokenizer = ByteTokenizer(config.text.max_length)
 
   train_iter = pipeline.create_train_iterator(config)
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, mesh, rules,
-                                                    config.mesh.replicate_indivisible)
+  checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                              keep_best=config.keep_best_checkpoints, best_metric="eval_loss")
+  abstract = train_state.abstract_train_state(model, tx, mesh, rules, config.mesh.replicate_indivisible)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  restored_step, state = checkpointer.restore_latest_good(
+      lambda step: checkpointer.restore(step, abstract, train_iter))
+  if state is None:
+    state, _ = train_state.create_train_state(jax.random.PRNGKey(config.seed), model, tx, mesh, rules,
+                                              config.mesh.replicate_indivisible)
+  else:
+    logging.info("Resuming at step %d.", restored_step)
   logging.info("Model: %s parameters (%s text encoder).", f"{train_state.param_count(state.params):,}",
                f"{train_state.param_count(state.params['text_encoder']):,}")
-  checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    state = checkpointer.restore(latest, abstract, train_iter)
-    logging.info("Resuming at step %d.", latest)
   initial_step = int(jax.device_get(state.step))
 
   step_fn = make_train_step(config, model, tx, schedule, shardings, mesh)
   sample_fn = sampling.make_sample_fn(model, schedule, sampling.sampler_options(config))
   prompts = [p for p in canonical_prompts(config) for _ in range(config.sampling.num_per_prompt)]
+  eval_loss = held_out_loss.make_held_out_loss(config, model, schedule, mesh,
+                                               held_out_loss.load_examples(config, config.eval_num_examples))
 
   writer = metric_writers.create_writer(workdir)
   if initial_step == 0:
@@ -174,25 +220,26 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                           if isinstance(v, (int, float, str, bool))})
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                              every_steps=config.log_every_steps)
-  pending_metrics: list[dict[str, jax.Array]] = []
+  pending_metrics: list[dict[str, jax.Array]] = []  # Since the last log line, one per step.
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
-  with mesh_lib.activate(mesh, rules):
+  with mesh_lib.activate(mesh, rules), preemption.PreemptionWatcher() as preempt:
     for step in range(initial_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, global_batch(next(train_iter), mesh))
       pending_metrics.append(metrics)
       progress(step)
+      last = step == config.num_train_steps
+      stop = preempt.reached(step)
 
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending_metrics)])) for k in metrics}
+      if step % config.log_every_steps == 0 or last or stop:
+        summary = summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
         pending_metrics.clear()
-        if not np.isfinite(summary["loss"]):
-          raise FloatingPointError(f"loss is {summary['loss']} at step {step}")
         writer.write_scalars(step, summary)
-        logging.info("step %d/%d: loss %.4f, grad_norm %.3f", step, config.num_train_steps,
-                     summary["loss"], summary["grad_norm"])
+        logging.info("step %d/%d: loss %.4f, grad_norm %.3f%s", step, config.num_train_steps, summary["loss"],
+                     summary["grad_norm"], f", {summary['skipped_nonfinite']:.0f} non-finite steps skipped"
+                     if summary["skipped_nonfinite"] else "")
 
-      if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+      if step % config.sample_every_steps == 0 or last:
         images = sampling.generate(sample_fn, state.ema_params, tokenizer, prompts,
                                    config.sampling.guidance_scale, config.seed, config.sampling.negative_prompt)
         grid = images_lib.make_grid(images_lib.to_uint8(images), num_rows=len(prompts) //
@@ -201,10 +248,42 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           images_lib.save_png(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
           writer.write_images(step, {"samples": grid[None]})
 
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-        checkpointer.save(step, state, train_iter, config.to_dict())
+      if step % config.checkpoint_every_steps == 0 or last or stop:
+        # Never save inside a run of non-finite steps that must stop the run.
+        summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
+        checkpoint_metrics = {"eval_loss": eval_loss(state.ema_params)}
+        writer.write_scalars(step, checkpoint_metrics)
+        checkpointer.save(step, state, train_iter, config.to_dict(), checkpoint_metrics)
+      if stop:
+        break
 
   checkpointer.wait()
   checkpointer.close()
   writer.flush()
+  if stop and not last:
+    logging.warning("Stopped after a preemption notice; step %d is saved in %s. Run the same command to resume.",
+                    step, checkpointer.directory)
   return state
+
+
+def summarize(metrics: list[dict[str, np.ndarray]], step: int, config, last_checkpoint: int | None) -> dict[str, float]:
+  """Averages the per-step metrics of steps (step − len(metrics), step]; sums the skipped steps.
+
+  Raises NonFiniteError when `config.max_consecutive_nonfinite_steps` steps in a row were skipped.
+  """
+  if not metrics:
+    return {}
+  streaks = [int(m["nonfinite_streak"]) for m in metrics]
+  limit = config.max_consecutive_nonfinite_steps
+  if max(streaks) >= limit:
+    at = step - len(metrics) + 1 + next(i for i, s in enumerate(streaks) if s >= limit)
+    kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+    raise NonFiniteError(
+        f"{limit} consecutive steps ({at - limit + 1} to {at}) had a non-finite loss or gradient and were "
+        f"skipped (max_consecutive_nonfinite_steps={limit}); stopping. The last checkpoint ({kept}) is left "
+        f"as it was. Lower optimizer.learning_rate or optimizer.grad_clip_norm, or check the data, and rerun.")
+  finite = [m for m in metrics if not m["skipped_nonfinite"]]
+  summary = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan")
+             for k in metrics[0] if k not in ("skipped_nonfinite", "nonfinite_streak")}
+  summary["skipped_nonfinite"] = float(sum(int(m["skipped_nonfinite"]) for m in metrics))
+  return summary

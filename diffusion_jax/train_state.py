@@ -16,13 +16,19 @@ from diffusion_jax.parallel import mesh as mesh_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """step: int32 []; params/ema_params: {'text_encoder', 'unet'}; rng: uint32 [2] root key."""
+  """step: int32 [], batches consumed; params/ema_params: {'text_encoder', 'unet'}; rng: uint32 [2] root key.
+
+  nonfinite_steps: int32 [], steps skipped because their loss or gradients were not finite;
+  nonfinite_streak: int32 [], how many of the latest steps in a row were skipped.
+  """
 
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
   rng: jax.Array
+  nonfinite_steps: jax.Array
+  nonfinite_streak: jax.Array
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -53,8 +59,9 @@ def _init_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTrans
   """Boxed (nn.Partitioned) state: logical axis names travel with the leaves."""
   init_rng, state_rng = jax.random.split(rng)
   params = model.init(init_rng, *dummy_inputs(model))["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=state_rng)
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=state_rng,
+                    nonfinite_steps=zero, nonfinite_streak=zero)
 
 
 def state_shardings(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax.inference import load_from_workdir
+from diffusion_jax.inference import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/smoke.py", "--config.num_train_steps=6", "--config.log_every_steps=3",
@@ -38,6 +38,6 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   assert "Process 1 of 2" in proc.stderr and "Process 0 of 2" in proc.stderr
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
   assert len(_losses(one)) == 2
-  params_one, params_two = load_from_workdir(one).params, load_from_workdir(two).params
+  params_one, params_two = load(one).params, load(two).params
   for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,0 +1,33 @@
+"""Export the EMA parameters of a training run for sampling and evaluation.
+
+python -m diffusion_jax.export --workdir=runs/digits [--step=N] --out=runs/digits/export
+
+The exported directory holds config.json, params/ (orbax) and export.json; `sample` and `evaluate`
+take it as --workdir. It is a fraction of a checkpoint's size: no optimizer state, no raw params.
+"""
+
+from __future__ import annotations
+
+from absl import flags, logging
+
+from diffusion_jax import cli, inference
+from diffusion_jax.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write the export to (must not hold one yet).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}")
+  if inference.is_export(_WORKDIR.value):
+    raise UserError(f"{_WORKDIR.value!r} is already an export; pass a training workdir")
+  out = inference.export(_WORKDIR.value, _OUT.value, _STEP.value)
+  logging.info("Exported the EMA parameters to %s", out)
+  print(f"export: {out}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
