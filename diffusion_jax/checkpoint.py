@@ -37,26 +37,26 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+@jax.jit
+def _leaf_sum(x: jax.Array) -> jax.Array:
+  """The bits of `x` summed as uint32, wrapping (so the order of the sum does not matter)."""
+  if x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:
+    bits = x.astype(jnp.uint32)
+  return jnp.sum(bits, dtype=jnp.uint32)
+
+
 def fingerprint(tree: Any) -> int:
   """A 32-bit checksum of every bit of every leaf, independent of how the leaves are sharded.
 
-  Each leaf's bits are summed as uint32 (wrapping, so the order of the sum does not matter) and the
-  leaf sums are combined with position weights, so swapping two leaves changes the result too.
+  One small jitted reduction per leaf (compiled once per leaf shape, so it costs little to compile);
+  the leaf sums are combined with position weights, so swapping two leaves changes the result too.
   """
-
-  def leaf_sum(x):
-    x = jnp.asarray(x)
-    if x.dtype.itemsize == 4:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    elif x.dtype.itemsize == 2:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    else:
-      bits = x.astype(jnp.uint32)
-    return jnp.sum(bits, dtype=jnp.uint32)
-
-  leaves = jax.tree.leaves(tree)
-  total = jax.jit(lambda ls: sum((jnp.uint32(i + 1) * leaf_sum(l) for i, l in enumerate(ls)), jnp.uint32(0)))(leaves)
-  return int(jax.device_get(total))
+  sums = jax.device_get([_leaf_sum(jnp.asarray(leaf)) for leaf in jax.tree.leaves(tree)])
+  return sum((i + 1) * int(s) for i, s in enumerate(sums)) % 2**32
 
 
 class Checkpointer:

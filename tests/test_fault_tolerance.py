@@ -26,10 +26,10 @@ from diffusion_jax.models.unet import create_model
 from diffusion_jax.parallel import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 200
+STEPS = 120
 # log_every_steps=1 makes each step wait for its metrics, so a run takes seconds and can be hit mid-way.
 ARGS = ["--config=configs/smoke.py", f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=50", f"--config.sample_every_steps={STEPS}",
+        "--config.checkpoint_every_steps=40", f"--config.sample_every_steps={STEPS}",
         "--config.eval_num_examples=16"]
 
 
@@ -105,15 +105,15 @@ def uninterrupted(data_dir, tmp_path_factory):
 def test_sigkill_mid_run_then_restart_is_bit_identical(data_dir, tmp_path, uninterrupted):
   workdir = str(tmp_path / "killed")
   proc = _start(workdir, data_dir)
-  _wait_for_step(proc, workdir, 70, 50)  # Past the checkpoint at 50: steps 51… are lost and redone.
+  _wait_for_step(proc, workdir, 55, 40)  # Past the checkpoint at 40: steps 41… are lost and redone.
   assert proc.poll() is None, "the run ended before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = _logged_step(workdir)
-  assert proc.returncode == -signal.SIGKILL and 70 <= killed_at < STEPS, (proc.returncode, killed_at)
+  assert proc.returncode == -signal.SIGKILL and 55 <= killed_at < STEPS, (proc.returncode, killed_at)
 
   stderr = _finish(_start(workdir, data_dir))
-  assert "Resuming at step 50." in stderr or "Resuming at step 100." in stderr  # 100: if it was committed.
+  assert "Resuming at step 40." in stderr or "Resuming at step 80." in stderr  # 80: if it was committed.
   assert int(uninterrupted.step) == STEPS
   _assert_bit_identical(_state(workdir), uninterrupted)
 
@@ -122,11 +122,11 @@ def test_sigkill_mid_run_then_restart_is_bit_identical(data_dir, tmp_path, unint
 def test_sigterm_saves_the_step_it_reached_and_exits_cleanly(data_dir, tmp_path, uninterrupted):
   workdir = str(tmp_path / "preempted")
   proc = _start(workdir, data_dir)
-  _wait_for_step(proc, workdir, 70, 50)
+  _wait_for_step(proc, workdir, 55, 40)
   proc.send_signal(signal.SIGTERM)
   stderr = _finish(proc)  # Exit code 0.
   reached = _logged_step(workdir)  # The last step it finished, logged at the preemption.
-  assert 70 <= reached < STEPS
+  assert 55 <= reached < STEPS
   assert f"saving a checkpoint at step {reached} and stopping" in stderr
   assert Checkpointer(workdir, read_only=True).latest_step() == reached
   assert int(_state(workdir).step) == reached
