@@ -222,45 +222,48 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                                              every_steps=config.log_every_steps)
   pending_metrics: list[dict[str, jax.Array]] = []  # Since the last log line, one per step.
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
-  with mesh_lib.activate(mesh, rules), preemption.PreemptionWatcher() as preempt:
-    for step in range(initial_step + 1, config.num_train_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = step_fn(state, global_batch(next(train_iter), mesh))
-      pending_metrics.append(metrics)
-      progress(step)
-      last = step == config.num_train_steps
-      stop = preempt.reached(step)
+  stop = False
+  try:
+    with mesh_lib.activate(mesh, rules), preemption.PreemptionWatcher() as preempt:
+      for step in range(initial_step + 1, config.num_train_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = step_fn(state, global_batch(next(train_iter), mesh))
+        pending_metrics.append(metrics)
+        progress(step)
+        last = step == config.num_train_steps
+        stop = preempt.reached(step)
 
-      if step % config.log_every_steps == 0 or last or stop:
-        summary = summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
-        pending_metrics.clear()
-        writer.write_scalars(step, summary)
-        logging.info("step %d/%d: loss %.4f, grad_norm %.3f%s", step, config.num_train_steps, summary["loss"],
-                     summary["grad_norm"], f", {summary['skipped_nonfinite']:.0f} non-finite steps skipped"
-                     if summary["skipped_nonfinite"] else "")
+        if step % config.log_every_steps == 0 or last or stop:
+          summary = summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
+          pending_metrics.clear()
+          writer.write_scalars(step, summary)
+          logging.info("step %d/%d: loss %.4f, grad_norm %.3f%s", step, config.num_train_steps, summary["loss"],
+                       summary["grad_norm"], f", {summary['skipped_nonfinite']:.0f} non-finite steps skipped"
+                       if summary["skipped_nonfinite"] else "")
 
-      if step % config.sample_every_steps == 0 or last:
-        images = sampling.generate(sample_fn, state.ema_params, tokenizer, prompts,
-                                   config.sampling.guidance_scale, config.seed, config.sampling.negative_prompt)
-        grid = images_lib.make_grid(images_lib.to_uint8(images), num_rows=len(prompts) //
-                                    config.sampling.num_per_prompt, upscale=4)
-        if is_main:
-          images_lib.save_png(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
-          writer.write_images(step, {"samples": grid[None]})
+        if step % config.sample_every_steps == 0 or last:
+          images = sampling.generate(sample_fn, state.ema_params, tokenizer, prompts,
+                                     config.sampling.guidance_scale, config.seed, config.sampling.negative_prompt)
+          grid = images_lib.make_grid(images_lib.to_uint8(images), num_rows=len(prompts) //
+                                      config.sampling.num_per_prompt, upscale=4)
+          if is_main:
+            images_lib.save_png(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
+            writer.write_images(step, {"samples": grid[None]})
 
-      if step % config.checkpoint_every_steps == 0 or last or stop:
-        # Never save inside a run of non-finite steps that must stop the run.
-        summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
-        checkpoint_metrics = {"eval_loss": eval_loss(state.ema_params)}
-        writer.write_scalars(step, checkpoint_metrics)
-        checkpointer.save(step, state, train_iter, config.to_dict(), checkpoint_metrics)
-      if stop:
-        break
+        if step % config.checkpoint_every_steps == 0 or last or stop:
+          # Never save inside a run of non-finite steps that must stop the run.
+          summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
+          checkpoint_metrics = {"eval_loss": eval_loss(state.ema_params)}
+          writer.write_scalars(step, checkpoint_metrics)
+          checkpointer.save(step, state, train_iter, config.to_dict(), checkpoint_metrics)
+        if stop:
+          break
 
-  checkpointer.wait()
-  checkpointer.close()
-  writer.flush()
-  if stop and not last:
+  finally:  # Also after an error: let a save in flight commit, so no good checkpoint is lost.
+    checkpointer.wait()
+    checkpointer.close()
+    writer.flush()
+  if stop and step < config.num_train_steps:
     logging.warning("Stopped after a preemption notice; step %d is saved in %s. Run the same command to resume.",
                     step, checkpointer.directory)
   return state

@@ -1,8 +1,14 @@
 """Shared fixtures: a prepared digits dataset and a tiny config that trains in seconds."""
 
 import os
+import tempfile
 
 import pytest
+
+# Many tests (and the training processes they start, which inherit the environment) compile the same
+# tiny model: JAX's persistent compilation cache lets them share executables instead of recompiling.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from configs import smoke
 from diffusion_jax.config import get_default_config

@@ -24,6 +24,7 @@ from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.errors import NonFiniteError, UserError
 from diffusion_jax.models.unet import create_model
 from diffusion_jax.parallel import mesh as mesh_lib
+from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120
@@ -134,3 +135,150 @@ def test_sigterm_saves_the_step_it_reached_and_exits_cleanly(data_dir, tmp_path,
   stderr = _finish(_start(workdir, data_dir))
   assert f"Resuming at step {reached}" in stderr
   _assert_bit_identical(_state(workdir), uninterrupted)
+
+
+class _NaNImages:
+  """Wraps the training iterator: the batches of the given (1-based) steps get float NaN images."""
+
+  def __init__(self, iterator, nan_steps):
+    self._iterator, self._nan_steps, self._step = iterator, set(nan_steps), 0
+
+  def __next__(self):
+    batch, self._step = next(self._iterator), self._step + 1
+    if self._step in self._nan_steps:
+      batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
+    return batch
+
+  def __iter__(self):
+    return self
+
+  def get_state(self) -> bytes:  # grain's checkpoint handler stores other iterators' states as bytes.
+    return json.dumps(self._iterator.get_state()).encode()
+
+  def set_state(self, state: bytes):
+    self._iterator.set_state(json.loads(state.decode()))
+
+
+def _inject_nans(monkeypatch, nan_steps):
+  create = train.pipeline.create_train_iterator
+  monkeypatch.setattr(train.pipeline, "create_train_iterator", lambda config: _NaNImages(create(config), nan_steps))
+
+
+def test_nan_batches_are_skipped_and_counted_and_too_many_in_a_row_stop_the_run(config, tmp_path, monkeypatch):
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 30, 5, 10
+  config.max_consecutive_nonfinite_steps, config.eval_num_examples = 3, 16
+  _inject_nans(monkeypatch, {3} | set(range(12, 31)))  # One bad step, then bad steps from 12 on.
+  workdir = str(tmp_path / "diverged")
+  with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(12 to 14\) had a non-finite loss or gradient "
+                                           r"and were skipped .* The last checkpoint \(step 10\) is left as it was"):
+    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [r for r in map(json.loads, f) if "loss" in r]
+  # Step 3 was skipped and counted; the loss is the mean over the finite steps.
+  assert [(r["step"], r["skipped_nonfinite"]) for r in logged] == [(5, 1.0), (10, 0.0)]
+  assert all(np.isfinite(r["loss"]) for r in logged)
+  # The run stopped before saving inside the bad streak: step 10 is the latest checkpoint, intact.
+  assert Checkpointer(workdir, read_only=True).all_steps() == [10]
+  state = _state(workdir)
+  assert (int(state.step), int(state.nonfinite_steps), int(state.nonfinite_streak)) == (10, 1, 0)
+  for leaf in jax.tree.leaves((state.params, state.ema_params)):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_the_skipped_step_leaves_params_ema_and_optimizer_state_unchanged(config):
+  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
+  model, tx = create_model(config), train_state.create_optimizer(config)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh,
+                                                    mesh_lib.logical_rules(config))
+  step = train.make_train_step(config, model, tx, train.schedules.schedule_from_config(config), shardings, mesh)
+  batch = next(train.pipeline.create_train_iterator(config))
+  good = {"image": jnp.asarray(batch["image"], jnp.float32), "tokens": jnp.asarray(batch["tokens"])}
+  bad = dict(good, image=good["image"].at[0, 0, 0, 0].set(jnp.nan))
+  before = jax.device_get(state)
+  after, metrics = step(state, bad)
+  after = jax.device_get(after)
+  assert not np.isfinite(metrics["loss"]) and int(metrics["skipped_nonfinite"]) == 1
+  assert (int(after.step), int(after.nonfinite_steps), int(after.nonfinite_streak)) == (1, 1, 1)
+  _assert_bit_identical((after.params, after.ema_params, after.opt_state, after.rng),
+                        (before.params, before.ema_params, before.opt_state, before.rng))
+  after, metrics = step(jax.device_put(after, shardings), good)
+  assert int(metrics["skipped_nonfinite"]) == 0 and (int(after.nonfinite_steps), int(after.nonfinite_streak)) == (1, 0)
+
+
+def _largest_file(directory):
+  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.fixture(scope="module")
+def twenty_steps(data_dir, tmp_path_factory):
+  """A 20-step run with checkpoints at 10 and 20, and its final state."""
+  config = tiny_config(data_dir)
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 20, 10, 10
+  config.eval_num_examples = 16
+  workdir = str(tmp_path_factory.mktemp("twenty_steps"))
+  return config, workdir, jax.device_get(train.train_and_evaluate(config, workdir))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(twenty_steps, tmp_path, damage, caplog):
+  config, original, final = twenty_steps
+  workdir = str(tmp_path / "run")
+  shutil.copytree(original, workdir)
+  target = _largest_file(os.path.join(workdir, "checkpoints", "20", "state"))
+  size = os.path.getsize(target)
+  if damage == "truncate":
+    with open(target, "r+b") as f:
+      f.truncate(size // 2)
+  else:  # Same size, different bytes in the middle.
+    with open(target, "r+b") as f:
+      f.seek(size // 2)
+      chunk = f.read(64)
+      f.seek(size // 2)
+      f.write(bytes(b ^ 0xFF for b in chunk))
+
+  caplog.set_level(logging.WARNING)
+  resumed = train.train_and_evaluate(config, workdir)  # Restores step 10, trains 11…20 again.
+  assert "Checkpoint step 20 in" in caplog.text and "cannot be restored" in caplog.text
+  damaged = os.listdir(os.path.join(workdir, "checkpoints_damaged"))
+  assert len(damaged) == 1 and damaged[0].startswith("20.")
+  _assert_bit_identical(resumed, final)
+
+
+def test_a_good_checkpoint_is_not_removed_before_its_successor_is_committed(config, tmp_path):
+  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
+  model, tx = create_model(config), train_state.create_optimizer(config)
+  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, mesh_lib.logical_rules(config))
+  iterator = train.pipeline.create_train_iterator(config)
+  checkpointer = Checkpointer(str(tmp_path), max_to_keep=1)
+  checkpointer.save(1, state, iterator, config.to_dict())
+  checkpointer.wait()
+  committed = lambda: [d for d in os.listdir(checkpointer.directory) if d.isdigit()]
+  checkpointer.save(2, state.replace(step=jnp.int32(2)), iterator, config.to_dict())
+  observations = 0
+  while checkpointer.manager.is_saving_in_progress():  # Step 2 is being written in the background.
+    assert committed(), "no committed checkpoint on disk during the save"
+    observations += 1
+  assert observations > 0
+  checkpointer.wait()
+  assert committed() == ["2"]
+  checkpointer.close()
+
+
+def test_resuming_with_a_config_that_changes_the_run_is_a_clear_error(config, tmp_path):
+  workdir = str(tmp_path)
+  train.write_config(config, workdir)
+  os.makedirs(os.path.join(workdir, "checkpoints", "10"))
+  changed = config.copy_and_resolve_references()
+  changed.model.unet.channels, changed.optimizer.learning_rate = 32, 0.5
+  changed.num_train_steps, changed.mesh.shape, changed.log_every_steps = 99, (1, 1, 1), 7  # Safe to change.
+  with pytest.raises(UserError) as error:
+    train.check_resumable(changed, workdir)
+  assert "model.unet.channels: 16 -> 32" in str(error.value)
+  assert "optimizer.learning_rate: 0.001 -> 0.5" in str(error.value)
+  assert "num_train_steps" not in str(error.value) and "mesh.shape" not in str(error.value)
+  changed.model.unet.channels, changed.optimizer.learning_rate = 16, 0.001
+  train.check_resumable(changed, workdir)  # Only resume-safe keys differ now.
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  changed.model.unet.channels = 32
+  train.check_resumable(changed, workdir)  # Nothing to resume: any config may start here.
