@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -37,25 +36,30 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-@jax.jit
-def _leaf_sum(x: jax.Array) -> jax.Array:
-  """The bits of `x` summed as uint32, wrapping (so the order of the sum does not matter)."""
-  if x.dtype.itemsize == 4:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  elif x.dtype.itemsize == 2:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-  else:
-    bits = x.astype(jnp.uint32)
-  return jnp.sum(bits, dtype=jnp.uint32)
+def _bits_sum(array: np.ndarray) -> int:
+  """The bits of `array` summed as unsigned integers of its item size, modulo 2^32."""
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[array.dtype.itemsize]
+  return int(np.ascontiguousarray(array).view(unsigned).sum(dtype=np.uint64)) % 2**32
+
+
+def _local_leaf_sum(leaf: Any) -> int:
+  """_bits_sum over the shards this process holds, each distinct shard once (replica 0)."""
+  if isinstance(leaf, jax.Array):
+    return sum(_bits_sum(np.asarray(shard.data)) for shard in leaf.addressable_shards if shard.replica_id == 0)
+  return _bits_sum(np.asarray(leaf))
 
 
 def fingerprint(tree: Any) -> int:
   """A 32-bit checksum of every bit of every leaf, independent of how the leaves are sharded.
 
-  One small jitted reduction per leaf (compiled once per leaf shape, so it costs little to compile);
-  the leaf sums are combined with position weights, so swapping two leaves changes the result too.
+  Each leaf's bits are summed modulo 2^32, so the order of the sum (and the layout of the shards) does
+  not matter; leaf sums are combined with position weights, so swapping two leaves changes it too.
+  Computed on the host from the shards each process holds (no device program: dispatching many small
+  collective programs can deadlock simulated CPU devices), then summed over processes.
   """
-  sums = jax.device_get([_leaf_sum(jnp.asarray(leaf)) for leaf in jax.tree.leaves(tree)])
+  sums = np.asarray([_local_leaf_sum(leaf) for leaf in jax.tree.leaves(tree)], np.uint64)
+  if jax.process_count() > 1:
+    sums = np.sum(multihost_utils.process_allgather(sums.astype(np.uint32)), axis=0, dtype=np.uint64) % 2**32
   return sum((i + 1) * int(s) for i, s in enumerate(sums)) % 2**32
 
 
@@ -148,7 +152,7 @@ class Checkpointer:
         return step, result
       logging.warning("Checkpoint step %d in %s cannot be restored (%s); moving it to %s and falling back "
                       "to the previous checkpoint.", step, self.directory,
-                      f"{type(error).__name__}: {error}" if error else "failed on another process",
+                      f"{type(error).__name__}: {str(error)[:300]}" if error else "failed on another process",
                       self._damaged_dir())
       self._move_aside(step)
       damaged.append(step)

@@ -5,6 +5,7 @@ how far each is from the 1-device run, and the per-device share of parameter and
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import train, train_state
+from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import schedules
 from diffusion_jax.errors import UserError
@@ -47,6 +49,31 @@ def run(config, devices):
   return state, losses
 
 
+def restore_on_other_meshes(config, state):
+  """Saves `state` (sharded over 8 devices) and restores it onto 1 device and onto fsdp = 4."""
+  model, tx = create_model(config), train_state.create_optimizer(config)
+  saved = jax.tree.leaves(jax.device_get(state))
+  results = {}
+  with tempfile.TemporaryDirectory() as workdir:
+    checkpointer = Checkpointer(workdir)
+    checkpointer.save(3, state, pipeline.create_train_iterator(config), config.to_dict())
+    checkpointer.wait()
+    for name, shape, devices in (("1_device", (1, 1, 1), jax.devices()[:1]), ("fsdp_4", (1, 4, 1), jax.devices()[:4])):
+      mesh = mesh_lib.create_mesh(shape, devices)
+      abstract = train_state.abstract_train_state(model, tx, mesh, mesh_lib.logical_rules(config), True)
+      restored = checkpointer.restore(3, abstract, pipeline.create_train_iterator(config))
+      leaves = jax.tree.leaves(restored)
+      results[name] = {
+          "bit_identical": len(leaves) == len(saved) and all(
+              np.array_equal(np.asarray(a), b) for a, b in zip(jax.device_get(leaves), saved)),
+          "devices": sorted({d.id for l in leaves for d in l.sharding.device_set}),
+          "params_fraction_on_device0": device0_fraction(restored.params),
+          "fingerprint_equal": fingerprint(restored) == fingerprint(state),
+      }
+    checkpointer.close()
+  return results
+
+
 def device0_fraction(tree):
   """Bytes of `tree` stored on device 0 / total logical bytes."""
   leaves = jax.tree.leaves(tree)
@@ -66,6 +93,8 @@ def main():
   for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)):
     config.mesh.shape = shape
     state, losses = run(config, jax.devices())
+    if shape == (1, 8, 1):
+      report["restore_fsdp8_onto"] = restore_on_other_meshes(config, state)
     params = jax.tree.leaves(jax.device_get(state.params))
     report["meshes"][str(shape)] = {
         "losses": losses,

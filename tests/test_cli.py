@@ -66,3 +66,20 @@ def test_config_json_round_trip():
   again = config_lib.from_json(config_lib.to_json(c))
   assert again.to_dict() == c.to_dict()
   assert json.loads(config_lib.to_json(c))["batch_size"] == c.batch_size
+
+
+def test_unusable_paths_are_clear_errors(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  _assert_one_line_error(*_run("diffusion_jax.sample", f"--workdir={a_file}"), "a_file", "is not a directory")
+  _assert_one_line_error(*_run("diffusion_jax.main", "--config=configs/smoke.py", f"--workdir={a_file}"),
+                         "a_file", "exists and is not a directory")
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "config.json").write_text("{not json")
+  _assert_one_line_error(*_run("diffusion_jax.evaluate", f"--workdir={broken}"), "cannot read", "config.json")
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  (untrained / "config.json").write_text(config_lib.to_json(config_lib.get_default_config()))
+  _assert_one_line_error(*_run("diffusion_jax.export", f"--workdir={untrained}", f"--out={tmp_path / 'out'}"),
+                         "no checkpoint in", "train first")

@@ -40,6 +40,21 @@ def test_train_sample_evaluate(data_dir, tmp_path):
   assert list(samples["prompts"]) == ["the number seven"] * 4 + ["3"] * 4
   assert float(samples["guidance_scale"]) == 3.0 and int(samples["seed"]) == 5
 
+  # A step that does not exist is a one-line error; an export of the EMA parameters samples the same images.
+  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.sample", f"--workdir={workdir}", "--step=450"],
+                        cwd=REPO, env=dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 2 and "error: checkpoint step 450 does not exist" in proc.stderr
+  assert "available steps: [300, 600]" in proc.stderr
+  exported = str(tmp_path / "export")
+  _run(data_dir, "diffusion_jax.export", f"--workdir={workdir}", f"--out={exported}")
+  assert sorted(os.listdir(exported)) == ["config.json", "export.json", "params"]
+  out_exported = str(tmp_path / "from_export.npz")
+  _run(data_dir, "diffusion_jax.sample", f"--workdir={exported}", "--prompts=the number seven;3",
+       "--num_per_prompt=4", "--guidance_scale=3", "--steps=20", "--seed=5", f"--out={out_exported}")
+  np.testing.assert_array_equal(np.load(out_exported)["images"], samples["images"])
+  assert int(np.load(out_exported)["step"]) == STEPS
+
   _run(data_dir, "diffusion_jax.evaluate", f"--workdir={workdir}", "--guidance_scales=1,3",
        "--num_per_prompt=20", "--steps=25")
   with open(os.path.join(workdir, "eval", f"{STEPS}.json")) as f:

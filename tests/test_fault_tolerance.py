@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import inference, train, train_state
-from diffusion_jax.checkpoint import Checkpointer
+from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.errors import NonFiniteError, UserError
 from diffusion_jax.models.unet import create_model
 from diffusion_jax.parallel import mesh as mesh_lib
@@ -282,3 +282,27 @@ def test_resuming_with_a_config_that_changes_the_run_is_a_clear_error(config, tm
   shutil.rmtree(os.path.join(workdir, "checkpoints"))
   changed.model.unet.channels = 32
   train.check_resumable(changed, workdir)  # Nothing to resume: any config may start here.
+
+
+def test_fingerprint_sees_every_bit_and_the_order_of_leaves():
+  tree = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "b": jnp.ones((4,), jnp.bfloat16),
+          "c": jnp.array([7], jnp.int32)}
+  base = fingerprint(tree)
+  assert base == fingerprint(jax.tree.map(np.asarray, tree))  # Host or device, same bits, same value.
+  flipped = np.asarray(tree["a"]).copy()
+  flipped.view(np.uint32)[1, 2] ^= 1  # The lowest mantissa bit of one float.
+  assert fingerprint(dict(tree, a=jnp.asarray(flipped))) != base
+  assert fingerprint(dict(tree, b=tree["b"].at[0].set(2.0))) != base
+  assert fingerprint({"a": tree["c"], "b": tree["b"], "c": tree["a"]}) != base  # Same leaves, other places.
+
+
+def test_keep_best_keeps_the_lowest_eval_loss_besides_the_latest(config, tmp_path):
+  iterator = train.pipeline.create_train_iterator(config)
+  checkpointer = Checkpointer(str(tmp_path), max_to_keep=1, keep_best=2)
+  for step, loss in enumerate([0.5, 0.3, 0.6, 0.4, 0.7], start=1):
+    checkpointer.save(step, {"w": jnp.full((3,), float(step))}, iterator, config.to_dict(), {"eval_loss": loss})
+    checkpointer.wait()
+  assert checkpointer.all_steps() == [2, 4, 5]  # Best (0.3, 0.4) and latest.
+  restored = checkpointer.restore(2, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+  np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+  checkpointer.close()

@@ -6,8 +6,11 @@ final parameters must match the single-process run up to the order of float summ
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -41,3 +44,42 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   params_one, params_two = load(one).params, load(two).params
   for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _child_with_process_id(launcher_pid, process_id):
+  """The PID of the training process that the launcher started with DIFFUSION_JAX_PROCESS_ID=process_id."""
+  children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+  for pid in children:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+      if f"DIFFUSION_JAX_PROCESS_ID={process_id}".encode() in f.read().split(b"\0"):
+        return int(pid)
+  raise AssertionError(f"no child of {launcher_pid} has process id {process_id}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_all_and_exits_cleanly(data_dir, tmp_path):
+  """The preemption notice reaches one process; all processes agree on a step, save it and exit 0."""
+  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", NUM_PROCESSES="2",
+             PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  workdir = str(tmp_path / "preempted")
+  args = ["--config=configs/smoke.py", "--config.num_train_steps=400", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=1000", "--config.sample_every_steps=1000",
+          "--config.eval_num_examples=16"]
+  with open(tmp_path / "log.txt", "w+") as log:
+    launcher = subprocess.Popen(["bash", "launch/local_multiprocess.sh", f"--workdir={workdir}", *args], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or len(_losses(workdir)) < 20:
+      assert launcher.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    os.kill(_child_with_process_id(launcher.pid, 1), signal.SIGTERM)  # Not the process that logs.
+    assert launcher.wait(timeout=300) == 0
+    log.seek(0)
+    output = log.read()
+  saved = re.findall(r"saving a checkpoint at step (\d+) and stopping", output)
+  assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]  # Both processes, the same step.
+  step = int(saved[0])
+  assert 20 <= step < 400
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  assert load(workdir).step == step

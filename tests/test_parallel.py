@@ -55,6 +55,15 @@ def test_fsdp_shards_parameters_and_optimizer_state(sharded_report):
   assert sharded_report["meshes"]["(8, 1, 1)"]["params_fraction_on_device0"] == 1.0  # Pure data parallel.
 
 
+def test_a_checkpoint_saved_with_fsdp_8_restores_on_1_and_4_devices(sharded_report):
+  results = sharded_report["restore_fsdp8_onto"]
+  assert results["1_device"]["bit_identical"] and results["fsdp_4"]["bit_identical"], results
+  assert results["1_device"]["devices"] == [0] and results["fsdp_4"]["devices"] == [0, 1, 2, 3]
+  assert results["1_device"]["params_fraction_on_device0"] == 1.0
+  assert 0.25 <= results["fsdp_4"]["params_fraction_on_device0"] < 0.3  # Sharded again, 4 ways.
+  assert results["1_device"]["fingerprint_equal"] and results["fsdp_4"]["fingerprint_equal"]  # Layout-free.
+
+
 def test_gradient_accumulation_on_a_sharded_mesh(sharded_report):
   result = sharded_report["accumulate_2_on_(1,4,2)"]
   assert result["max_abs_loss_diff"] < TOL and result["max_abs_param_diff"] < TOL, result
