@@ -159,10 +159,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
   positive = ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
               "sample_every_steps", "gradient_accumulation_steps", "max_consecutive_nonfinite_steps",
-              "text.max_length", "diffusion.num_timesteps", "sampling.num_steps")
+              "max_checkpoints_to_keep", "eval_num_examples", "text.max_length", "diffusion.num_timesteps",
+              "sampling.num_steps")
   for key in positive:
     if given[key] <= 0:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")
+  if config.keep_best_checkpoints < 0:
+    raise UserError(f"config.keep_best_checkpoints={config.keep_best_checkpoints} must be >= 0 (0 = off)")
   if not 0.0 <= config.diffusion.p_uncond <= 1.0:
     raise UserError(f"config.diffusion.p_uncond={config.diffusion.p_uncond} must be in [0, 1]")
   if config.diffusion.zero_terminal_snr and config.diffusion.prediction_type == "eps":
