@@ -93,24 +93,24 @@ def _one_step(config, state_params=None, steps=2):
   return state, losses
 
 
+def _assert_same_training(state, losses, base_state, base_losses):
+  np.testing.assert_allclose(losses, base_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base_state.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_gradient_accumulation_equals_one_big_batch(config):
   config.batch_size = 16
   base_state, base_losses = _one_step(config)
   for k in (2, 4):
     config.gradient_accumulation_steps = k
-    state, losses = _one_step(config)
-    np.testing.assert_allclose(losses, base_losses, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base_state.params)):
-      np.testing.assert_allclose(a, b, atol=1e-6)
+    _assert_same_training(*_one_step(config), base_state, base_losses)
 
 
 def test_remat_changes_memory_not_results(config):
   base_state, base_losses = _one_step(config, steps=1)
   config.model.remat_policy = "full"
-  state, losses = _one_step(config, steps=1)
-  np.testing.assert_allclose(losses, base_losses, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base_state.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  _assert_same_training(*_one_step(config, steps=1), base_state, base_losses)
 
 
 def test_bfloat16_compute_keeps_float32_parameters(config):
