@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax.errors import UserError
+from diffusion_jax import paths
+from diffusion_jax.errors import NonFiniteError, UserError
 
 # Metrics that can rank checkpoints for `keep_best_checkpoints`, and whether lower is better.
 BEST_METRICS = {"eval_loss": "min"}
@@ -42,11 +43,36 @@ def _bits_sum(array: np.ndarray) -> int:
   return int(np.ascontiguousarray(array).view(unsigned).sum(dtype=np.uint64)) % 2**32
 
 
-def _local_leaf_sum(leaf: Any) -> int:
-  """_bits_sum over the shards this process holds, each distinct shard once (replica 0)."""
+def _local_shards(leaf: Any) -> list[np.ndarray]:
+  """The distinct shards of `leaf` that this process holds (replica 0 of each), as numpy arrays."""
   if isinstance(leaf, jax.Array):
-    return sum(_bits_sum(np.asarray(shard.data)) for shard in leaf.addressable_shards if shard.replica_id == 0)
-  return _bits_sum(np.asarray(leaf))
+    return [np.asarray(shard.data) for shard in leaf.addressable_shards if shard.replica_id == 0]
+  return [np.asarray(leaf)]
+
+
+def _top_level_name(path: tuple[Any, ...]) -> str:
+  """'ema_params' for the path of a leaf of state.ema_params (an attribute or a dict key)."""
+  key = path[0] if path else None
+  return str(getattr(key, "name", getattr(key, "key", "")))
+
+
+def _leaf_stats(tree: Any) -> tuple[list[tuple[Any, ...]], np.ndarray, np.ndarray]:
+  """(leaf paths, bit sums uint64 [L] modulo 2^32, non-finite flags bool [L]) over all processes."""
+  with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums, nonfinite = [], []
+  for _, leaf in with_paths:
+    shards = _local_shards(leaf)
+    sums.append(sum(_bits_sum(s) for s in shards) % 2**32)
+    nonfinite.append(any(np.issubdtype(s.dtype, np.inexact) and not np.isfinite(s).all() for s in shards))
+  sums, nonfinite = np.asarray(sums, np.uint64), np.asarray(nonfinite, bool)
+  if jax.process_count() > 1:
+    sums = np.sum(multihost_utils.process_allgather(sums.astype(np.uint32)), axis=0, dtype=np.uint64) % 2**32
+    nonfinite = np.any(multihost_utils.process_allgather(nonfinite), axis=0)
+  return [p for p, _ in with_paths], sums, nonfinite
+
+
+def _combine(sums: np.ndarray) -> int:
+  return sum((i + 1) * int(s) for i, s in enumerate(sums)) % 2**32
 
 
 def fingerprint(tree: Any) -> int:
@@ -57,10 +83,32 @@ def fingerprint(tree: Any) -> int:
   Computed on the host from the shards each process holds (no device program: dispatching many small
   collective programs can deadlock simulated CPU devices), then summed over processes.
   """
-  sums = np.asarray([_local_leaf_sum(leaf) for leaf in jax.tree.leaves(tree)], np.uint64)
-  if jax.process_count() > 1:
-    sums = np.sum(multihost_utils.process_allgather(sums.astype(np.uint32)), axis=0, dtype=np.uint64) % 2**32
-  return sum((i + 1) * int(s) for i, s in enumerate(sums)) % 2**32
+  return _combine(_leaf_stats(tree)[1])
+
+
+# Subtrees of the TrainState with a fingerprint of their own, so that restoring one of them alone (the
+# EMA parameters, for sampling) can be verified without reading the rest.
+FINGERPRINTED_SUBTREES = ("params", "ema_params")
+# Subtrees that must be finite: a checkpoint with NaN or inf parameters is never written.
+MUST_BE_FINITE = ("params", "ema_params", "opt_state")
+
+
+def integrity_record(state: Any) -> dict[str, Any]:
+  """{'state_fingerprint', 'subtree_fingerprints': {name: int}} of a TrainState, from one pass over it.
+
+  Raises NonFiniteError if a parameter, EMA or optimizer leaf holds NaN or inf.
+  """
+  paths, sums, nonfinite = _leaf_stats(state)
+  names = [_top_level_name(p) for p in paths]
+  bad = [jax.tree_util.keystr(p) for p, n, bad in zip(paths, names, nonfinite) if bad and n in MUST_BE_FINITE]
+  if bad:
+    step = getattr(state, "step", None)
+    at = f" at step {int(jax.device_get(step))}" if step is not None else ""
+    raise NonFiniteError(f"the train state{at} holds non-finite values "
+                         f"in {len(bad)} leaves ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}); "
+                         f"it is not saved, and the last checkpoint is left as it was")
+  subtrees = {name: _combine(sums[[n == name for n in names]]) for name in FINGERPRINTED_SUBTREES}
+  return {"state_fingerprint": _combine(sums), "subtree_fingerprints": subtrees}
 
 
 class Checkpointer:
@@ -73,6 +121,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int | None = None, keep_best: int = 0,
                best_metric: str = "eval_loss", read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
+    self._saving_step = None  # The step of the latest save started, committed or not.
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -100,12 +149,49 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any, config_dict: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    """Starts an asynchronous save; `wait()` blocks until it is on disk."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config_dict),
-        integrity=ocp.args.JsonSave({"state_fingerprint": fingerprint(state)})), metrics=metrics, force=True)
+    """Starts an asynchronous save; `wait()` blocks until it is on disk, `check_for_errors()` polls.
+
+    Raises NonFiniteError (and writes nothing) if the parameters, EMA or optimizer state hold NaN or
+    inf: such a checkpoint could only replace a good one with garbage.
+    """
+    self.check_for_errors()
+    integrity = integrity_record(state)
+    self._saving_step = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(config_dict),
+          integrity=ocp.args.JsonSave(integrity)), metrics=metrics, force=True)
+    except Exception as exc:  # pylint: disable=broad-except  (re-raised; only ENOSPC is reworded)
+      self._raise_if_disk_full(exc)
+      raise
+
+  def check_for_errors(self) -> None:
+    """Raises UserError now if an asynchronous save failed for lack of space (else the error as is).
+
+    Orbax reports a failed background save only at the next save or wait; the training loop calls this
+    after every step, so a full disk stops the run at once instead of after more unsaved training.
+    """
+    try:
+      self.manager.check_for_errors()
+    except Exception as exc:  # pylint: disable=broad-except  (re-raised; only ENOSPC is reworded)
+      self._raise_if_disk_full(exc)
+      raise
+
+  def wait(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as exc:  # pylint: disable=broad-except  (re-raised; only ENOSPC is reworded)
+      self._raise_if_disk_full(exc)
+      raise
+
+  def _raise_if_disk_full(self, exc: BaseException) -> None:
+    if paths.is_disk_full(exc):
+      good = [s for s in self.all_steps() if s != self._saving_step]
+      kept = f"the last complete checkpoint (step {max(good)}) is kept" if good else "no checkpoint was complete yet"
+      raise UserError(f"No space left on device while saving a checkpoint to {self.directory}; the save was "
+                      f"abandoned and {kept}. Free space there and rerun the same command to resume") from exc
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
     """The state at `step` (sharded as `abstract_state` says); restores `data_iterator` in place.
@@ -113,7 +199,7 @@ class Checkpointer:
     Raises UserError for a step that does not exist, and ValueError when the files do not restore
     to a state with the saved fingerprint.
     """
-    self._check_step(step)
+    self.check_step(step)
     items = {"state": ocp.args.PyTreeRestore(
                  abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
              "integrity": ocp.args.JsonRestore()}
@@ -127,20 +213,38 @@ class Checkpointer:
     logging.info("Restored checkpoint at step %d from %s", step, self.directory)
     return state
 
-  def restore_subtree(self, step: int, name: str, abstract_subtree: Any) -> Any:
-    """Only `state.<name>` (e.g. the EMA parameters) of the checkpoint at `step`."""
-    self._check_step(step)
-    abstract = {name: abstract_subtree}
+  def restore_subtree(self, step: int, name: str, abstract_state: Any) -> Any:
+    """Only `state.<name>` (e.g. the EMA parameters) of the checkpoint at `step`, verified.
+
+    `abstract_state` is the whole TrainState's abstract structure. Checkpoints record a fingerprint of
+    each subtree in FINGERPRINTED_SUBTREES: then only that subtree is read (orbax partial restore) and
+    checked against it. Older checkpoints without one are restored whole and checked as a whole.
+    Raises ValueError when the files do not restore to the saved fingerprint.
+    """
+    self.check_step(step)
+    integrity = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
+    expected = integrity.get("subtree_fingerprints", {}).get(name)
+    if expected is None:
+      return getattr(self.restore(step, abstract_state), name)
+    abstract = {name: getattr(abstract_state, name)}
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
-    return restored["state"][name]
+    subtree = restored["state"][name]
+    actual = fingerprint(subtree)
+    if actual != expected:
+      raise ValueError(f"the restored {name}' fingerprint {actual} differs from the saved {expected}")
+    return subtree
 
-  def restore_latest_good(self, restore_fn: Callable[[int], Any]) -> tuple[int | None, Any]:
+  def restore_latest_good(self, restore_fn: Callable[[int], Any], *, move_damaged: bool = True
+                          ) -> tuple[int | None, Any]:
     """`(step, restore_fn(step))` for the newest checkpoint that restores; (None, None) if there is none.
 
-    A checkpoint that fails (truncated or corrupted files) is moved to `checkpoints_damaged/` with a
-    warning, and the one before it is tried. All processes agree on the outcome of every attempt.
+    A checkpoint that fails (truncated or corrupted files, a fingerprint that does not match) is moved
+    to `checkpoints_damaged/` with a warning (or, with move_damaged=False, for readers such as `sample`
+    that must not change a workdir, only skipped), and the one before it is tried. All processes agree
+    on the outcome of every attempt.
     """
+    self.refuse_if_only_damaged_remain()
     damaged = []
     for step in reversed(self.all_steps()):
       try:
@@ -150,27 +254,37 @@ class Checkpointer:
       failed_anywhere = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
       if not failed_anywhere:
         return step, result
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s); moving it to %s and falling back "
-                      "to the previous checkpoint.", step, self.directory,
-                      f"{type(error).__name__}: {str(error)[:300]}" if error else "failed on another process",
-                      self._damaged_dir())
-      self._move_aside(step)
+      reason = f"{type(error).__name__}: {str(error)[:300]}" if error else "failed on another process"
+      if move_damaged:
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s); moving it to %s and falling back "
+                        "to the previous checkpoint.", step, self.directory, reason, self._damaged_dir())
+        self._move_aside(step)
+      else:
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous checkpoint.",
+                        step, self.directory, reason)
       damaged.append(step)
     if damaged:  # Starting over silently would look like lost work.
+      where = f"were moved to {self._damaged_dir()}" if move_damaged else "are left where they are"
       raise UserError(f"no checkpoint in {self.directory} could be restored (steps {damaged} are damaged and "
-                      f"were moved to {self._damaged_dir()}); delete the workdir to start over")
+                      f"{where}); delete the workdir to start over")
     return None, None
+
+  def refuse_if_only_damaged_remain(self) -> None:
+    """A workdir whose every checkpoint was moved aside as damaged does not silently start over."""
+    damaged_dir = self._damaged_dir()
+    moved = sorted(os.listdir(damaged_dir)) if os.path.isdir(damaged_dir) else []
+    if moved and not self.all_steps():
+      raise UserError(f"no checkpoint is left in {self.directory}: every one was damaged and moved to "
+                      f"{damaged_dir} ({', '.join(moved)}). Restarting would silently begin again at step 0: "
+                      f"to do that, delete {damaged_dir} (or use a new --workdir)")
 
   def metrics(self, step: int) -> dict[str, float] | None:
     return self.manager.metrics(step)
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.close()
 
-  def _check_step(self, step: int) -> None:
+  def check_step(self, step: int) -> None:
     if step not in self.all_steps():
       raise UserError(f"checkpoint step {step} does not exist in {self.directory}; "
                       f"available steps: {self.all_steps()}")

@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from typing import Callable
 
 from absl import app, flags, logging
 
-from diffusion_jax.errors import UserError
+from diffusion_jax.errors import Interrupted, UserError
+from diffusion_jax.preemption import EXIT_CODE_INTERRUPTED
+
+# TensorFlow (imported by TFDS and clu) prints C++ INFO lines such as oneDNN notices before absl's
+# logging is set up; warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
 
@@ -51,23 +57,56 @@ def _unknown_override(argv: list[str], exc: Exception) -> str | None:
   return None
 
 
+def _config_file_error(argv: list[str], exc: BaseException) -> str | None:
+  """'config file F, line N: SyntaxError: …' when `exc` comes from executing the --config file itself."""
+  path = _config_path(argv)
+  if path is None:
+    return None
+  file_part = os.path.realpath(path.split(":", 1)[0])
+  if isinstance(exc, SyntaxError) and exc.filename and os.path.realpath(exc.filename) == file_part:
+    return f"config file {path.split(':', 1)[0]!r}, line {exc.lineno}: SyntaxError: {exc.msg}"
+  frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.realpath(f.filename) == file_part]
+  if frames:
+    frame = frames[-1]
+    return (f"config file {path.split(':', 1)[0]!r}, line {frame.lineno} (in {frame.name}): "
+            f"{type(exc).__name__}: {exc}")
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as exc:
-    _fail(_unknown_override(argv, exc) or f"bad flag: {exc}")
   except flags.Error as exc:
-    _fail(str(exc))
+    _fail(_config_file_error(argv, exc) or str(exc))
+  except Exception as exc:  # pylint: disable=broad-except  (executing the config file can raise anything)
+    message = _config_file_error(argv, exc)
+    if message is None and isinstance(exc, (AttributeError, KeyError)):
+      message = _unknown_override(argv, exc) or f"bad flag: {exc}"
+    if message is None:
+      raise
+    _fail(message)
   return []
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# clu's modules whose INFO lines are the training log: progress with rate and ETA, and metric values.
+_CLU_PROGRESS = (os.path.join("clu", "periodic_actions.py"), os.path.join("clu", "platform"),
+                 os.path.join("clu", "metric_writers", "logging_writer.py"))
+
+
 class _QuietLibraries(logging.logging.Filter):
-  """Keeps INFO lines of this package and clu's progress reports; libraries (orbax, grain…) only warn."""
+  """Keeps INFO lines of this package and clu's progress reports; libraries (orbax, grain, TFDS…) only warn.
+
+  Orbax alone logs about 150 INFO lines per checkpoint-saving run, which drowned the training log.
+  Matched by the source file, since every library logs through absl's one logger.
+  """
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or any(
-        part in record.pathname for part in ("diffusion_jax", "periodic_actions", "platform"))
+    path = os.path.abspath(record.pathname)
+    # absl.logging.WARNING is absl's verbosity (-1), not the record level: compare with the stdlib's.
+    return (record.levelno >= logging.logging.WARNING or path.startswith(_PACKAGE_DIR)
+            or any(part in path for part in _CLU_PROGRESS))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -80,5 +119,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except UserError as exc:
       _fail(str(exc))
+    except Interrupted as exc:
+      print(f"interrupted: {exc}", file=sys.stderr)
+      sys.exit(EXIT_CODE_INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C outside training (sampling, evaluation): nothing to save.
+      print("interrupted", file=sys.stderr)
+      sys.exit(EXIT_CODE_INTERRUPTED)
 
   app.run(wrapped, flags_parser=parse_flags)

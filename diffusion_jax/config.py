@@ -7,6 +7,7 @@ Every key the code reads exists here, so `configs/<experiment>.py` files are sma
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -147,8 +148,109 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _check_finite(given: dict[str, Any]) -> None:
+  """Every float in the config must be a number: NaN or ±inf in any option would train or sample
+  garbage silently (NaN compares false with every bound, so range checks alone would let it through)."""
+  for key, value in sorted(given.items()):
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if isinstance(v, float) and not math.isfinite(v):
+        raise UserError(f"config.{key}={value!r} must be a finite number")
+
+
+def _check_range(key: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+  low_ok = lo is None or (value > lo if lo_open else value >= lo)
+  high_ok = hi is None or (value < hi if hi_open else value <= hi)
+  if not (low_ok and high_ok):
+    left = "-inf" if lo is None else f"{lo:g}"
+    right = "inf" if hi is None else f"{hi:g}"
+    interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+    raise UserError(f"config.{key}={value!r} must be in {interval}")
+
+
+# Numeric options and their allowed ranges (lo, hi, lo_open, hi_open); None = unbounded.
+NUMERIC_RANGES = {
+    "optimizer.learning_rate": (0.0, None, True, False),
+    "optimizer.warmup_steps": (0, None, False, False),
+    "optimizer.b1": (0.0, 1.0, False, True),
+    "optimizer.b2": (0.0, 1.0, False, True),
+    "optimizer.weight_decay": (0.0, None, False, False),
+    "optimizer.grad_clip_norm": (0.0, None, True, False),
+    "optimizer.ema_decay": (0.0, 1.0, False, False),
+    "diffusion.p_uncond": (0.0, 1.0, False, False),
+    "diffusion.min_snr_gamma": (0.0, None, True, False),
+    "model.unet.dropout": (0.0, 1.0, False, True),
+    "sampling.eta": (0.0, 1.0, False, False),
+    "sampling.guidance_rescale": (0.0, 1.0, False, False),
+    "sampling.dynamic_threshold_percentile": (0.0, 1.0, True, False),
+    "keep_best_checkpoints": (0, None, False, False),
+    "seed": (0, None, False, False),
+}
+
+POSITIVE_INTEGERS = (
+    "num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
+    "gradient_accumulation_steps", "max_consecutive_nonfinite_steps", "max_checkpoints_to_keep",
+    "eval_num_examples", "text.max_length", "diffusion.num_timesteps", "sampling.num_steps",
+    "sampling.num_per_prompt", "dataset.image_size", "dataset.channels", "dataset.num_threads",
+    "model.text_encoder.width", "model.text_encoder.depth", "model.text_encoder.num_heads",
+    "model.text_encoder.mlp_ratio", "model.unet.channels", "model.unet.num_res_blocks",
+    "model.unet.head_dim", "model.unet.norm_groups")
+
+
+def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
+  """Channel counts that the layers would reject only at initialization, with a long traceback."""
+  unet, te = config.model.unet, config.model.text_encoder
+  if len(unet.transformer_depth) != len(unet.channel_mult):
+    raise UserError(f"config.model.unet.transformer_depth={tuple(unet.transformer_depth)} needs one "
+                    f"entry per level of channel_mult={tuple(unet.channel_mult)}")
+  if any(m < 1 for m in unet.channel_mult) or any(d < 0 for d in unet.transformer_depth) or \
+      unet.mid_transformer_depth < 0:
+    raise UserError(f"config.model.unet.channel_mult={tuple(unet.channel_mult)} must be >= 1 and "
+                    f"transformer_depth={tuple(unet.transformer_depth)}, mid_transformer_depth="
+                    f"{unet.mid_transformer_depth} >= 0")
+  levels = len(unet.channel_mult)
+  if config.dataset.image_size % 2 ** (levels - 1):
+    raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by "
+                    f"2**(levels-1)={2 ** (levels - 1)} for channel_mult={tuple(unet.channel_mult)}")
+  widths = [unet.channels * m for m in unet.channel_mult]
+  for level, (width, depth) in enumerate(zip(widths, unet.transformer_depth)):
+    if width % unet.norm_groups:
+      raise UserError(f"config.model.unet.norm_groups={unet.norm_groups} does not divide the {width} channels "
+                      f"of level {level} (channels={unet.channels} × channel_mult[{level}]={unet.channel_mult[level]})")
+    if depth and width % unet.head_dim:
+      raise UserError(f"config.model.unet.head_dim={unet.head_dim} does not divide the {width} channels of "
+                      f"level {level}, which has attention (transformer_depth[{level}]={depth})")
+  if unet.mid_transformer_depth and widths[-1] % unet.head_dim:
+    raise UserError(f"config.model.unet.head_dim={unet.head_dim} does not divide the {widths[-1]} channels "
+                    f"of the middle block (mid_transformer_depth={unet.mid_transformer_depth})")
+  if te.width % te.num_heads:
+    raise UserError(f"config.model.text_encoder.num_heads={te.num_heads} does not divide "
+                    f"width={te.width}")
+
+
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+  """The sampler settings and prompts of the periodic sample grid, so a run cannot die at its end."""
+  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top  (sampling imports the model)
+  from diffusion_jax.models.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  try:
+    sampling.sampler_options(config).validate(config.diffusion.num_timesteps)
+  except UserError as exc:
+    raise UserError(f"config.sampling: {exc}") from exc
+  tokenizer = ByteTokenizer(config.text.max_length)
+  for prompt in sampling.parse_prompts(config.sampling.prompts) + [config.sampling.negative_prompt]:
+    try:
+      tokenizer.encode(prompt)
+    except UserError as exc:
+      raise UserError(f"config.sampling: {exc}") from exc
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError naming the first unknown key or disallowed value."""
+  """Raises UserError naming the first unknown key or bad value.
+
+  Everything a later stage of a run would trip over (the final sample grid, a layer's shapes) is
+  checked here, before any training, so that a run never fails after hours of work on its config.
+  """
   known = flatten(get_default_config())
   given = flatten(config)
   unknown = sorted(set(given) - set(known))
@@ -157,30 +259,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, allowed in ALLOWED_VALUES.items():
     if given[key] not in allowed:
       raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
-  positive = ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
-              "sample_every_steps", "gradient_accumulation_steps", "max_consecutive_nonfinite_steps",
-              "max_checkpoints_to_keep", "eval_num_examples", "text.max_length", "diffusion.num_timesteps",
-              "sampling.num_steps")
-  for key in positive:
-    if given[key] <= 0:
+  _check_finite(given)
+  for key in POSITIVE_INTEGERS:
+    if isinstance(given[key], bool) or not isinstance(given[key], int) or given[key] <= 0:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")
-  if config.keep_best_checkpoints < 0:
-    raise UserError(f"config.keep_best_checkpoints={config.keep_best_checkpoints} must be >= 0 (0 = off)")
-  if not 0.0 <= config.diffusion.p_uncond <= 1.0:
-    raise UserError(f"config.diffusion.p_uncond={config.diffusion.p_uncond} must be in [0, 1]")
+  for key, (lo, hi, lo_open, hi_open) in NUMERIC_RANGES.items():
+    _check_range(key, given[key], lo, hi, lo_open=lo_open, hi_open=hi_open)
   if config.diffusion.zero_terminal_snr and config.diffusion.prediction_type == "eps":
     raise UserError("config.diffusion.zero_terminal_snr=True needs prediction_type 'v' or 'x0': ε "
                     "prediction cannot recover x0 where alphas_cumprod is 0")
-  unet = config.model.unet
-  if len(unet.transformer_depth) != len(unet.channel_mult):
-    raise UserError(f"config.model.unet.transformer_depth={tuple(unet.transformer_depth)} needs one "
-                    f"entry per level of channel_mult={tuple(unet.channel_mult)}")
-  levels = len(unet.channel_mult)
-  if config.dataset.image_size % 2 ** (levels - 1):
-    raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by "
-                    f"2**(levels-1)={2 ** (levels - 1)} for channel_mult={tuple(unet.channel_mult)}")
   if len(config.mesh.shape) != len(MESH_AXES):
     raise UserError(f"config.mesh.shape={tuple(config.mesh.shape)} needs one size per axis {MESH_AXES}")
+  _check_model_shapes(config)
+  _check_sampling(config)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

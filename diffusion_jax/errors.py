@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class NonFiniteError(UserError):
   """Training stopped after too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Interrupted(Exception):
+  """The user stopped the run (Ctrl-C); what was done is saved. The command exits with status 130."""

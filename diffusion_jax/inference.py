@@ -14,7 +14,9 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import train_state
@@ -59,40 +61,85 @@ def read_config(path: str):
 
 
 def _inference_setup(config):
-  """The model and abstract EMA parameters, replicated over a data-parallel mesh of the local devices
-  (so parameters trained on any mesh load here)."""
-  config.mesh.shape = (-1, 1, 1)
-  mesh = mesh_lib.create_mesh(config.mesh.shape)
+  """The model and abstract train state, replicated over a data-parallel mesh of the local devices
+  (so parameters trained on any mesh load here). `config` is not changed."""
+  mesh = mesh_lib.create_mesh((-1, 1, 1))
   model = create_model(config)
   abstract = train_state.abstract_train_state(model, train_state.create_optimizer(config), mesh,
                                               mesh_lib.logical_rules(config), True)
-  return model, abstract.ema_params
+  return model, abstract
+
+
+def _check_finite(params: Any, where: str) -> None:
+  """Parameters that hold NaN or inf would give black images with exit status 0: refuse them."""
+  bad = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+         if not np.isfinite(np.asarray(leaf)).all()]
+  if bad:
+    raise UserError(f"the parameters in {where} hold NaN or inf ({len(bad)} leaves, e.g. {bad[0]}); "
+                    f"they cannot sample. Use an earlier checkpoint (--step) or retrain")
+
+
+def _load_export(path: str, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+  with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
+    manifest = json.load(f)
+  if step is not None and step != manifest["step"]:
+    raise UserError(f"{path!r} is an export of step {manifest['step']}; --step={step} does not exist there")
+  try:
+    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract_params)
+    ok = fingerprint(params) == manifest["params_fingerprint"]
+  except Exception as exc:  # pylint: disable=broad-except  (unreadable files: the same answer)
+    raise UserError(f"the parameters in {path!r} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): "
+                    f"the files are damaged; export again") from exc
+  if not ok:
+    raise UserError(f"the parameters in {path!r} do not match the fingerprint in its {EXPORT_MANIFEST}: "
+                    f"the files are damaged; export again")
+  return params, manifest["step"]
+
+
+def _load_checkpoint(path: str, step: int | None, abstract_state: Any) -> tuple[Any, int]:
+  """EMA parameters of checkpoint `step`, verified against the checkpoint's fingerprint.
+
+  With no step, the newest checkpoint that verifies is used; damaged ones are skipped with a warning
+  but left in place (a reader must not change a workdir that a training run may be using).
+  """
+  checkpointer = Checkpointer(path, read_only=True)
+  try:
+    steps = checkpointer.all_steps()
+    restore = lambda s: checkpointer.restore_subtree(s, "ema_params", abstract_state)
+    if step is not None:
+      checkpointer.check_step(step)
+      try:
+        return restore(step), step
+      except Exception as exc:  # pylint: disable=broad-except  (unreadable or wrong bytes: damaged)
+        raise UserError(f"checkpoint step {step} in {checkpointer.directory} is damaged ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); choose another --step from {steps}") from exc
+    if not steps:
+      checkpointer.refuse_if_only_damaged_remain()
+      raise UserError(f"no checkpoint in {checkpointer.directory!r}; train first")
+    good_step, params = checkpointer.restore_latest_good(restore, move_damaged=False)
+    if good_step != max(steps):
+      logging.warning("Using checkpoint step %d: the newer ones are damaged (see above).", good_step)
+    return params, good_step
+  finally:
+    checkpointer.close()
 
 
 def load(path: str, step: int | None = None) -> LoadedModel:
-  """EMA parameters from a training workdir (checkpoint `step`, default the latest) or an export."""
+  """EMA parameters from a training workdir (checkpoint `step`, default the newest good one) or an export.
+
+  Every path verifies the parameters against the fingerprint saved with them, and refuses
+  parameters that hold NaN or inf.
+  """
   config = read_config(path)
-  model, abstract_params = _inference_setup(config)
+  model, abstract_state = _inference_setup(config)
   if is_export(path):
-    with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
-      manifest = json.load(f)
-    if step is not None and step != manifest["step"]:
-      raise UserError(f"{path!r} is an export of step {manifest['step']}; --step={step} does not exist there")
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract_params)
-    if fingerprint(params) != manifest["params_fingerprint"]:
-      raise UserError(f"the parameters in {path!r} do not match the fingerprint in its {EXPORT_MANIFEST}: "
-                      f"the files are damaged; export again")
-    step = manifest["step"]
+    params, step = _load_export(path, step, abstract_state.ema_params)
   else:
-    checkpointer = Checkpointer(path, read_only=True)
-    steps = checkpointer.all_steps()
-    if not steps:
-      raise UserError(f"no checkpoint in {checkpointer.directory!r}; train first")
-    step = max(steps) if step is None else step
-    params = checkpointer.restore_subtree(step, "ema_params", abstract_params)
-    checkpointer.close()
+    params, step = _load_checkpoint(path, step, abstract_state)
+  params = jax.device_get(params)
+  _check_finite(params, f"{path!r} (step {step})")
   schedule = schedules.schedule_from_config(config)
-  return LoadedModel(config, model, schedule, ByteTokenizer(config.text.max_length), jax.device_get(params), step)
+  return LoadedModel(config, model, schedule, ByteTokenizer(config.text.max_length), params, step)
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
@@ -105,8 +152,9 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out, "params"), loaded.params)
   checkpointer.wait_until_finished()
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out, "config.json.tmp"), "w", encoding="utf-8") as f:
     f.write(config_lib.to_json(loaded.config))
+  os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
   manifest = {"step": loaded.step, "source": os.path.abspath(workdir),
               "num_params": train_state.param_count(loaded.params),
               "params_fingerprint": fingerprint(loaded.params)}

@@ -11,6 +11,7 @@ import numpy as np
 
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
+from diffusion_jax.errors import UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import TextToImageModel
 
@@ -58,6 +59,8 @@ def generate(sample_fn, params: Any, tokenizer: ByteTokenizer, prompts: Sequence
   The unconditional branch of guidance uses `negative_prompt` (the empty prompt by default)."""
   tokens, uncond = tokenize_prompts(tokenizer, prompts, negative_prompt)
   scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (len(prompts),))
+  if not np.all(np.isfinite(scales)):
+    raise UserError(f"guidance_scale must be a finite number, got {sorted(set(scales.tolist()), key=str)}")
   images = sample_fn(params, jnp.asarray(tokens), jnp.asarray(uncond), jnp.asarray(scales),
                      jax.random.PRNGKey(seed))
   if jax.process_count() > 1:  # The result may live on other hosts' devices too.

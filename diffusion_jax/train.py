@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -15,12 +16,12 @@ from clu import periodic_actions
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import images as images_lib
-from diffusion_jax import held_out_loss, metric_writers, preemption, sampling, train_state
+from diffusion_jax import held_out_loss, metric_writers, paths, preemption, sampling, train_state, workdir_lock
 from diffusion_jax.checkpoint import Checkpointer, checkpoint_dir
 from diffusion_jax.data import pipeline
 from diffusion_jax.data.builders import digits
 from diffusion_jax.diffusion import losses, schedules
-from diffusion_jax.errors import NonFiniteError, UserError
+from diffusion_jax.errors import Interrupted, NonFiniteError, UserError
 from diffusion_jax.models.tokenizer import ByteTokenizer
 from diffusion_jax.models.unet import TextToImageModel, create_model
 from diffusion_jax.parallel import mesh as mesh_lib
@@ -73,13 +74,19 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
     loss, grads = jax.tree.map(lambda a: a / k, (loss, grads))
 
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up, so early EMA weights are not dominated by the initialization.
   decay = jnp.minimum(config.optimizer.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-  # A step with a non-finite loss or gradient changes nothing but the counters: the batch is
+  # A finite loss and gradient can still give non-finite parameters (a NaN learning rate, an optimizer
+  # state that overflowed), so the guard also looks at what would be kept: the update and the new
+  # parameters (the EMA of finite parameters is finite). Norms, not per-leaf checks: one fused
+  # reduction each (900 separate per-leaf reductions made the CPU compile 10× slower).
+  update_norm = optax.global_norm(updates)
+  param_norm = optax.global_norm(params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm) & jnp.isfinite(param_norm)
+  # A step with a non-finite loss, gradient or result changes nothing but the counters: the batch is
   # consumed (the data position and RNG stream stay those of an uninterrupted run) and skipped.
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   params, ema_params, opt_state = keep_if_finite((params, ema_params, opt_state),
@@ -88,7 +95,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
                             nonfinite_steps=state.nonfinite_steps + skipped,
                             nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "skipped_nonfinite": skipped,
+  metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm, "param_norm": param_norm,
+             "skipped_nonfinite": skipped,
              "nonfinite_streak": new_state.nonfinite_streak,
              "learning_rate": train_state.learning_rate_schedule(config)(state.step)}
   return new_state, metrics
@@ -137,6 +145,15 @@ RESUME_SAFE_KEYS = ("num_train_steps", "log_every_steps", "checkpoint_every_step
                     "model.remat_policy", "mesh.", "sampling.")
 
 
+def _same_value(a: Any, b: Any) -> bool:
+  """Equality where NaN equals NaN (a config saved with NaN must not read as changed from itself)."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+    return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+  return a == b
+
+
 def check_resumable(config, workdir: str) -> None:
   """Raises UserError when `workdir` holds checkpoints of a run whose config differs from `config` in
   keys that would make the resumed run silently different (model, data, optimizer, diffusion, seed)."""
@@ -146,7 +163,7 @@ def check_resumable(config, workdir: str) -> None:
   with open(path, encoding="utf-8") as f:
     old = config_lib.flatten(config_lib.with_defaults(config_lib.from_json(f.read())))
   new = config_lib.flatten(config)
-  changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+  changed = {k: (old.get(k), v) for k, v in new.items() if not _same_value(old.get(k), v)}
   breaking = {k: d for k, d in changed.items() if not k.startswith(RESUME_SAFE_KEYS)}
   if breaking:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(breaking.items()))
@@ -175,13 +192,16 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   gradient are skipped, and NonFiniteError stops the run after too many in a row.
   """
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"--workdir {workdir!r} exists and is not a directory")
+  workdir = paths.ensure_writable_dir(workdir, "--workdir")
+  with workdir_lock.hold(workdir), preemption.PreemptionWatcher() as preempt:
+    return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatcher) -> train_state.TrainState:
+  """train_and_evaluate once the config is valid and this run owns the writable `workdir`."""
   check_resumable(config, workdir)
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
 
   mesh = mesh_lib.create_mesh(config.mesh.shape)
@@ -214,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   eval_loss = held_out_loss.make_held_out_loss(config, model, schedule, mesh,
                                                held_out_loss.load_examples(config, config.eval_num_examples))
 
-  writer = metric_writers.create_writer(workdir)
+  writer = metric_writers.create_writer(workdir, drop_steps_after=initial_step)
   if initial_step == 0:
     writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -224,11 +244,14 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
   stop = False
   try:
-    with mesh_lib.activate(mesh, rules), preemption.PreemptionWatcher() as preempt:
+    if preempt.requested():  # Interrupted while compiling or restoring: nothing new to save.
+      raise Interrupted(f"interrupted before the first step; the workdir is as it was ({workdir})")
+    with mesh_lib.activate(mesh, rules):
       for step in range(initial_step + 1, config.num_train_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = step_fn(state, global_batch(next(train_iter), mesh))
         pending_metrics.append(metrics)
+        checkpointer.check_for_errors()  # A failed background save (disk full) stops the run now.
         progress(step)
         last = step == config.num_train_steps
         stop = preempt.reached(step)
@@ -264,8 +287,11 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
     checkpointer.close()
     writer.flush()
   if stop and step < config.num_train_steps:
-    logging.warning("Stopped after a preemption notice; step %d is saved in %s. Run the same command to resume.",
-                    step, checkpointer.directory)
+    logging.warning("Stopped after %s; step %d is saved in %s. Run the same command to resume.",
+                    preempt.reason(), step, checkpointer.directory)
+    if preempt.interrupted_by_user():
+      raise Interrupted(f"interrupted by Ctrl-C; step {step} is saved in {checkpointer.directory}. "
+                                   f"Run the same command to resume")
   return state
 
 

@@ -66,6 +66,11 @@ class SamplerOptions:
     max_steps = num_timesteps - 1 if self.sampler == "dpm_solver_pp_2m" else num_timesteps
     if not 1 <= self.num_steps <= max_steps:
       raise UserError(f"steps={self.num_steps} must be in [1, {max_steps}] for {self.sampler}")
+    # Written so that NaN fails every check (NaN compares false): a NaN setting must never sample.
+    if not 0.0 <= self.eta <= 1.0:
+      raise UserError(f"eta={self.eta} must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
+    if not 0.0 <= self.guidance_rescale <= 1.0:
+      raise UserError(f"guidance_rescale={self.guidance_rescale} must be in [0, 1] (0 = off)")
     lo, hi = self.guidance_interval
     if not 0.0 <= lo <= hi <= 1.0:
       raise UserError(f"guidance_interval={self.guidance_interval} must satisfy 0 <= lo <= hi <= 1")

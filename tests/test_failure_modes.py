@@ -1,0 +1,356 @@
+"""The failures a hostile tester found: each one either lost a run or handed out wrong images with exit 0.
+
+Each test reproduces the report (the same command, or its in-process equivalent) on real files: damaged
+checkpoint bytes, a full or read-only file system (a tmpfs mounted by the test, skipped where mounting
+is not allowed), two trainers on one workdir, Ctrl-C.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffusion_jax import config as config_lib
+from diffusion_jax import inference, train, train_state
+from diffusion_jax.checkpoint import Checkpointer
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.errors import NonFiniteError, UserError
+from diffusion_jax.models.unet import create_model
+from diffusion_jax.parallel import mesh as mesh_lib
+from tests.conftest import tiny_config
+from tests.test_cli import _assert_one_line_error, _run
+from tests.test_fault_tolerance import _finish, _logged_step, _output, _start, _wait_for_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """A 20-step run with checkpoints at 10 and 20."""
+  config = tiny_config(data_dir)
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 20, 10, 10
+  config.eval_num_examples = 16
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _copy(workdir, tmp_path, name="run"):
+  target = str(tmp_path / name)
+  shutil.copytree(workdir, target)
+  return target
+
+
+def _scramble_state_files(workdir, step):
+  """Random bytes written into the middle of every data file of the checkpoint's state (same size)."""
+  data_dir = os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d")
+  rng = np.random.default_rng(step)
+  files = [os.path.join(data_dir, f) for f in os.listdir(data_dir)]
+  assert files
+  for path in files:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      f.seek(size // 3)
+      f.write(rng.integers(0, 256, size // 3, dtype=np.uint8).tobytes())
+
+
+# 1. A damaged checkpoint is never sampled or exported silently.
+
+def test_sample_and_export_skip_a_damaged_latest_checkpoint(trained, tmp_path, caplog):
+  _, original = trained
+  workdir = _copy(original, tmp_path)
+  _scramble_state_files(workdir, 20)
+  good = inference.load(original, 10)
+
+  caplog.set_level(logging.WARNING)
+  loaded = inference.load(workdir)  # No --step: the newest checkpoint that verifies.
+  assert loaded.step == 10
+  assert "Checkpoint step 20" in caplog.text and "cannot be restored" in caplog.text
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(good.params)):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "20"))  # A reader leaves the workdir as it is.
+
+  with pytest.raises(UserError, match=r"checkpoint step 20 in .* is damaged .*choose another --step from \[10, 20\]"):
+    inference.load(workdir, 20)
+
+  out = inference.export(workdir, str(tmp_path / "export"))
+  with open(os.path.join(out, "export.json")) as f:
+    assert json.load(f)["step"] == 10
+  assert inference.load(out).step == 10
+
+
+def test_sample_cli_on_a_damaged_checkpoint_is_a_one_line_error(trained, tmp_path):
+  _, original = trained
+  workdir = _copy(original, tmp_path)
+  for step in (10, 20):
+    _scramble_state_files(workdir, step)
+  _assert_one_line_error(*_run("diffusion_jax.sample", f"--workdir={workdir}", f"--out={tmp_path / 's.npz'}"),
+                         "no checkpoint in", "could be restored", "[20, 10]")
+  _assert_one_line_error(*_run("diffusion_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'e'}"),
+                         "could be restored")
+  assert not os.path.exists(tmp_path / "s.npz") and not os.path.exists(tmp_path / "e" / "export.json")
+
+
+def test_every_checkpoint_damaged_stops_every_rerun(trained, tmp_path):
+  config, original = trained
+  workdir = _copy(original, tmp_path)
+  for step in (10, 20):
+    _scramble_state_files(workdir, step)
+  with pytest.raises(UserError, match="no checkpoint in .* could be restored"):
+    train.train_and_evaluate(config, workdir)
+  # The damaged checkpoints were moved aside; the second rerun must not start over at step 0 silently.
+  with pytest.raises(UserError, match=r"every one was damaged and moved to .*checkpoints_damaged.*delete"):
+    train.train_and_evaluate(config, workdir)
+  assert not os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+# 2. and 5. Bad settings are one-line errors before any work.
+
+FLOAT_KEYS = sorted(k for k, v in config_lib.flatten(config_lib.get_default_config()).items()
+                    if isinstance(v, float))
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_every_float_option_rejects_nan_and_inf(key, value):
+  config = config_lib.get_default_config()
+  parent, leaf = config, key
+  for part in key.split(".")[:-1]:
+    parent = parent[part]
+  leaf = key.split(".")[-1]
+  parent[leaf] = value
+  with pytest.raises(UserError, match=rf"config\.{key}=.* must be"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer.learning_rate", 0.0, r"must be in \(0, inf\)"),
+    ("optimizer.b2", 1.0, r"must be in \[0, 1\)"),
+    ("optimizer.warmup_steps", -1, r"must be in \[0, inf\)"),
+    ("sampling.eta", 1.5, r"eta=1.5 must be in \[0, 1\]"),
+    ("sampling.guidance_rescale", -0.1, r"must be in \[0, 1\]"),
+    ("sampling.guidance_interval", (0.5, 0.2), r"0 <= lo <= hi <= 1"),
+    ("sampling.dynamic_threshold_percentile", 0.0, r"must be in \(0, 1\]"),
+    ("sampling.num_per_prompt", 0, "must be a positive integer"),
+    ("sampling.num_steps", 101, r"steps=101 must be in \[1, 100\]"),
+    ("sampling.prompts", "x" * 40, "allows at most 30 bytes"),
+    ("model.unet.norm_groups", 5, "norm_groups=5 does not divide the 16 channels of level 0"),
+    ("model.unet.head_dim", 24, "head_dim=24 does not divide the 32 channels of level 1"),
+    ("model.text_encoder.num_heads", 3, "num_heads=3 does not divide width=32"),
+])
+def test_out_of_range_values_are_rejected_before_training(key, value, message):
+  config = tiny_config()
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(config)
+
+
+def test_sampler_options_reject_nan(tmp_path):
+  for field in ("eta", "guidance_rescale"):
+    with pytest.raises(UserError, match=f"{field}=nan must be in"):
+      samplers.SamplerOptions(**{field: math.nan}).validate(1000)
+  with pytest.raises(UserError, match="guidance_interval"):
+    samplers.SamplerOptions(guidance_interval=(0.0, math.nan)).validate(1000)
+
+
+def test_bad_numbers_from_the_command_line_and_config_files(tmp_path):
+  _assert_one_line_error(*_run("diffusion_jax.main", "--config=configs/smoke.py", f"--workdir={tmp_path / 'a'}",
+                               "--config.optimizer.learning_rate=nan"),
+                         "config.optimizer.learning_rate=nan must be a finite number")
+  _assert_one_line_error(*_run("diffusion_jax.main", "--config=configs/smoke.py", f"--workdir={tmp_path / 'b'}",
+                               "--config.sampling.num_per_prompt=0"),
+                         "config.sampling.num_per_prompt=0 must be a positive integer")
+  config_file = tmp_path / "nan_config.py"
+  config_file.write_text("from configs import smoke\n\ndef get_config():\n  c = smoke.get_config()\n"
+                         "  c.sampling.guidance_scale = float('nan')\n  return c\n")
+  _assert_one_line_error(*_run("diffusion_jax.main", f"--config={config_file}", f"--workdir={tmp_path / 'c'}"),
+                         "config.sampling.guidance_scale=nan must be a finite number")
+  assert not os.path.exists(tmp_path / "a" / "config.json")  # Rejected before anything was written.
+
+
+def test_a_config_file_with_an_error_names_the_file_and_line(tmp_path):
+  syntax = tmp_path / "syntax.py"
+  syntax.write_text("from configs import smoke\n\ndef get_config()\n  return smoke.get_config()\n")
+  _assert_one_line_error(*_run("diffusion_jax.main", f"--config={syntax}", f"--workdir={tmp_path / 'w'}"),
+                         f"config file '{syntax}', line 3: SyntaxError: expected ':'")
+  name = tmp_path / "name.py"
+  name.write_text("from configs import smoke\n\ndef get_config():\n  c = smoke.get_config()\n"
+                  "  c.seed = undefined_seed\n  return c\n")
+  _assert_one_line_error(*_run("diffusion_jax.main", f"--config={name}", f"--workdir={tmp_path / 'w'}"),
+                         f"config file '{name}', line 5 (in get_config): NameError: name 'undefined_seed'")
+
+
+# 3. A NaN learning rate (or any non-finite update) never reaches the parameters or a checkpoint.
+
+def test_a_non_finite_update_from_finite_gradients_is_skipped(config):
+  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
+  model = create_model(config)
+  # A finite loss and gradient, then a NaN learning rate: what `optimizer.learning_rate=nan` did.
+  tx = optax.chain(train_state.create_optimizer(config), optax.scale(jnp.nan))
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh,
+                                                    mesh_lib.logical_rules(config))
+  step = train.make_train_step(config, model, tx, train.schedules.schedule_from_config(config), shardings, mesh)
+  batch = next(train.pipeline.create_train_iterator(config))
+  before = jax.device_get(state)
+  after, metrics = step(state, {"image": jnp.asarray(batch["image"]), "tokens": jnp.asarray(batch["tokens"])})
+  after = jax.device_get(after)
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+  assert not np.isfinite(metrics["update_norm"]) and int(metrics["skipped_nonfinite"]) == 1
+  for a, b in zip(jax.tree.leaves((after.params, after.ema_params, after.opt_state)),
+                  jax.tree.leaves((before.params, before.ema_params, before.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_state_with_nan_parameters_is_never_saved(config, tmp_path):
+  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
+  model, tx = create_model(config), train_state.create_optimizer(config)
+  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, mesh_lib.logical_rules(config))
+  iterator = train.pipeline.create_train_iterator(config)
+  checkpointer = Checkpointer(str(tmp_path), max_to_keep=2)
+  checkpointer.save(1, state, iterator, config.to_dict())
+  checkpointer.wait()
+  poisoned = state.replace(step=jnp.int32(2), ema_params=jax.tree.map(lambda p: p * jnp.nan, state.ema_params))
+  with pytest.raises(NonFiniteError, match=r"at step 2 holds non-finite values .*ema_params.* not saved"):
+    checkpointer.save(2, poisoned, iterator, config.to_dict())
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [1]
+  checkpointer.close()
+
+
+def test_resume_check_treats_a_saved_nan_as_unchanged(config, tmp_path):
+  config.optimizer.learning_rate = math.nan  # As a config.json written before NaN was rejected.
+  train.write_config(config, str(tmp_path))
+  os.makedirs(tmp_path / "checkpoints" / "10")
+  train.check_resumable(config, str(tmp_path))  # No "optimizer.learning_rate: nan -> nan".
+
+
+# 4. One trainer per workdir; Ctrl-C saves and stops cleanly.
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_workdir_is_refused(data_dir, tmp_path):
+  workdir = str(tmp_path / "shared")
+  first = _start(workdir, data_dir)
+  deadline = time.time() + 300
+  while _logged_step(workdir) < 1:  # The first run is training (it took the lock before anything else).
+    assert first.poll() is None and time.time() < deadline, _output(first)[-3000:]
+    time.sleep(0.05)
+  second = _start(workdir, data_dir, ["--config.seed=7"])
+  second.wait(timeout=300)
+  second_output = _output(second)
+  assert second.returncode == 2, second_output[-3000:]
+  errors = [l for l in second_output.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "is in use by another training run" in errors[0] and f"pid {first.pid}" in errors[0]
+  assert "Traceback" not in second_output
+  _finish(first)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["seed"] == 0  # The second run wrote nothing.
+  assert not os.path.exists(os.path.join(workdir, ".lock"))  # Released at the end of the first run.
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_exits_cleanly_and_a_second_exits_at_once(data_dir, tmp_path):
+  workdir = str(tmp_path / "interrupted")
+  proc = _start(workdir, data_dir)
+  _wait_for_step(proc, workdir, 45, 40)
+  proc.send_signal(signal.SIGINT)
+  proc.wait(timeout=300)
+  output = _output(proc)
+  reached = _logged_step(workdir)
+  assert proc.returncode == 130, output[-3000:]
+  assert f"Stop requested by Ctrl-C: saving a checkpoint at step {reached} and stopping" in output
+  assert "Traceback" not in output and "Segmentation fault" not in output and "Fatal Python error" not in output
+  assert Checkpointer(workdir, read_only=True).latest_step() == reached
+
+  proc = _start(workdir, data_dir)  # Resumes; two Ctrl-C in a row stop it at once, without saving.
+  _wait_for_step(proc, workdir, reached + 3, reached)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  proc.wait(timeout=60)
+  output = _output(proc)
+  assert proc.returncode == 130 and "Second Ctrl-C: exiting now" in output, output[-3000:]
+  assert "Traceback" not in output
+  # Whatever was committed still restores (a save cut short is only a temporary directory).
+  assert Checkpointer(workdir, read_only=True).latest_step() >= reached
+  assert "Resuming at step" in _finish(_start(workdir, data_dir))
+
+
+# Full and read-only file systems (real tmpfs mounts; root in a container may not be allowed to mount).
+
+@contextlib.contextmanager
+def _tmpfs(path, size_mb):
+  os.makedirs(path, exist_ok=True)
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); "
+                f"the disk-full and read-only tests need one")
+  try:
+    yield str(path)
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(directory, leave_bytes):
+  """Fills the file system of `directory` with one file until `leave_bytes` are free."""
+  stat = os.statvfs(directory)
+  free = stat.f_bavail * stat.f_frsize
+  filler = os.path.join(directory, "filler")
+  with open(filler, "wb") as f:
+    f.write(b"\0" * max(free - leave_bytes, 0))
+  return filler
+
+
+def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkpoint(config, tmp_path):
+  config.num_train_steps, config.log_every_steps = 40, 1
+  config.checkpoint_every_steps, config.sample_every_steps, config.eval_num_examples = 15, 1000, 16
+  with _tmpfs(tmp_path / "small", 48) as mount:
+    workdir = os.path.join(mount, "run")
+    config.num_train_steps = 15
+    train.train_and_evaluate(config, workdir)  # Checkpoint 15 fits.
+    filler = _fill(mount, 64 * 1024)
+    config.num_train_steps = 40
+    with pytest.raises(UserError) as error:
+      train.train_and_evaluate(config, workdir)  # The save at 30 cannot be written.
+    message = str(error.value)
+    assert "No space left on device" in message and workdir in message and "step 15" in message
+    assert "\n" not in message
+    # It stopped soon after the failed save, not at the next save (step 40) or the end.
+    assert _logged_step(workdir) < 40
+    assert Checkpointer(workdir, read_only=True).all_steps() == [15]
+    os.remove(filler)
+    train.train_and_evaluate(config, workdir)  # Space freed: resumes from 15 and finishes.
+    assert Checkpointer(workdir, read_only=True).latest_step() == 40
+
+
+def test_a_read_only_workdir_is_refused_before_any_work(trained, tmp_path):
+  config, original = trained
+  with _tmpfs(tmp_path / "ro", 64) as mount:
+    workdir = os.path.join(mount, "run")
+    shutil.copytree(original, workdir)
+    subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
+    with pytest.raises(UserError, match=r"--workdir .* is not writable \(Read-only file system\)"):
+      train.train_and_evaluate(config, workdir)
+    _assert_one_line_error(*_run("diffusion_jax.evaluate", f"--workdir={workdir}", "--num_per_prompt=1",
+                                 "--steps=2", "--nll_timesteps=-1"), "Read-only file system")
+    # Reading a read-only workdir is fine: sample writes elsewhere.
+    rc, err = _run("diffusion_jax.sample", f"--workdir={workdir}", "--num_per_prompt=1", "--steps=2",
+                   f"--out={tmp_path / 'samples.npz'}")
+    assert rc == 0, err
+    assert os.path.isfile(tmp_path / "samples.npz")
