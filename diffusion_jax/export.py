@@ -8,6 +8,8 @@ take it as --workdir. It is a fraction of a checkpoint's size: no optimizer stat
 
 from __future__ import annotations
 
+import os
+
 from absl import flags, logging
 
 from diffusion_jax import cli, inference
@@ -19,11 +21,28 @@ _OUT = flags.DEFINE_string("out", None, "Directory to write the export to (must 
 flags.mark_flags_as_required(["workdir", "out"])
 
 
+def check_out(workdir: str, out: str) -> None:
+  """Refuses an --out that would write into the training run: the workdir itself, its checkpoints/ (or a
+  directory inside it), or another training workdir. A new subdirectory such as <workdir>/export is fine."""
+  source, target = os.path.realpath(workdir), os.path.realpath(out)
+  checkpoints = os.path.join(source, "checkpoints")
+  if target == source:
+    raise UserError(f"--out={out!r} is the training workdir itself; export to another directory, "
+                    f"e.g. --out={os.path.join(workdir, 'export')}")
+  if os.path.commonpath([target, checkpoints]) == checkpoints:
+    raise UserError(f"--out={out!r} writes into the checkpoints directory {checkpoints!r}; export to another "
+                    f"directory, e.g. --out={os.path.join(workdir, 'export')}")
+  if os.path.isfile(os.path.join(target, "config.json")) and os.path.isdir(os.path.join(target, "checkpoints")):
+    raise UserError(f"--out={out!r} is a training workdir (config.json + checkpoints/); export to another "
+                    f"directory")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}")
   if inference.is_export(_WORKDIR.value):
     raise UserError(f"{_WORKDIR.value!r} is already an export; pass a training workdir")
+  check_out(_WORKDIR.value, _OUT.value)
   out = inference.export(_WORKDIR.value, _OUT.value, _STEP.value)
   logging.info("Exported the EMA parameters to %s", out)
   print(f"export: {out}")

@@ -6,12 +6,13 @@ python -m diffusion_jax.sample --workdir=runs/digits --prompts="a handwritten di
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 from absl import flags, logging
 
-from diffusion_jax import cli, inference, sampling
+from diffusion_jax import cli, inference, paths, sampling
 from diffusion_jax import images as images_lib
 from diffusion_jax.data.builders import digits
 from diffusion_jax.diffusion import samplers
@@ -36,8 +37,23 @@ _X0_CLIPPING = flags.DEFINE_enum("x0_clipping", None, list(samplers.X0_CLIPPINGS
 _RESCALE = flags.DEFINE_float("guidance_rescale", None, "Guidance rescale φ (Lin et al. 2023).")
 _INTERVAL = flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only for t/T in [lo, hi].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz; the PNG grid is written beside it.")
+_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz (`.npz` is appended to a path without it; an "
+                           "existing directory, or a path ending in '/', gets samples.npz inside); the PNG "
+                           "grid is written beside it.")
 flags.mark_flags_as_required(["workdir"])
+
+
+def output_paths(out: str) -> tuple[str, str]:
+  """(samples .npz, PNG grid) for --out: an existing directory (or a path ending in '/') gets samples.npz
+  inside, a path without the .npz suffix gets it appended (as np.savez would); absolute paths."""
+  if not out:
+    raise UserError("--out is empty; give a .npz path or a directory")
+  if os.path.isdir(out) or out.endswith(os.sep):
+    out = os.path.join(out, "samples.npz")
+  elif not out.endswith(".npz"):
+    out += ".npz"
+  out = os.path.abspath(out)
+  return out, out[:-len(".npz")] + ".png"
 
 
 def main(argv):
@@ -46,10 +62,14 @@ def main(argv):
   prompts = sampling.parse_prompts(_PROMPTS.value)
   if not prompts or _NUM_PER_PROMPT.value < 1:
     raise UserError("give at least one prompt (--prompts='a;b') and --num_per_prompt >= 1")
-  # Fail on a bad workdir or an over-long prompt before loading or compiling anything.
+  if _GUIDANCE.value is not None and not math.isfinite(_GUIDANCE.value):
+    raise UserError(f"--guidance_scale={_GUIDANCE.value} is not allowed; give a finite number (1 = no guidance)")
+  # Fail on a bad workdir, an over-long prompt or an unwritable --out before loading or compiling anything.
   tokenizer = ByteTokenizer(inference.read_config(_WORKDIR.value).text.max_length)
   for p in prompts + [_NEGATIVE.value or ""]:
     tokenizer.encode(p)
+  out, png = output_paths(_OUT.value)
+  paths.ensure_writable_dir(os.path.dirname(out), "--out directory")
   loaded = inference.load(_WORKDIR.value, _STEP.value)
   all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
   interval = None
@@ -68,11 +88,8 @@ def main(argv):
   negative = loaded.config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
   images = images_lib.to_uint8(sampling.generate(sample_fn, loaded.params, loaded.tokenizer, all_prompts,
                                                  scale, _SEED.value, negative))
-  out = os.path.abspath(_OUT.value)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
   np.savez(out, images=images, prompts=np.asarray(all_prompts), guidance_scale=np.float32(scale),
            seed=np.int64(_SEED.value), step=np.int64(loaded.step))
-  png = os.path.splitext(out)[0] + ".png"
   images_lib.save_png(png, images_lib.make_grid(images, num_rows=len(prompts), upscale=4))
   logging.info("Wrote %d samples of checkpoint step %d to %s and the grid (one row per prompt) to %s",
                len(images), loaded.step, out, png)
