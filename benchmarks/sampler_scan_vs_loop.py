@@ -19,10 +19,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import sampling, train_state
-from diffusion_jax.diffusion import samplers, schedules
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import TextToImageModel, create_model
+from diffusion_jax import build, generation
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.models.diffusion_model import DiffusionModel
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Model config.")
 _BATCH = flags.DEFINE_integer("batch", 80, "Images per call (each step runs the model on 2× this).")
@@ -43,34 +42,39 @@ def _time(fn, repeats):
 def main(argv):
   del argv
   config = _CONFIG.value
-  model = create_model(config)
-  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), *train_state.dummy_inputs(model))["params"])()
+  run = build.build(config)
+  model, schedule = run.model, run.schedule
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs())["params"])()
   params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p, params,
                         is_leaf=lambda p: hasattr(p, "value"))
-  schedule = schedules.schedule_from_config(config)
-  options = sampling.sampler_options(config, sampler=_SAMPLER.value, num_steps=_STEPS.value)
-  tok = ByteTokenizer(config.text.max_length)
-  tokens, uncond_tokens = (jnp.asarray(a) for a in sampling.tokenize_prompts(tok, ["a handwritten digit 3"] * _BATCH.value))
+  options = generation.sampler_options(config, sampler=_SAMPLER.value, num_steps=_STEPS.value)
+  # One request repeated: a caption (text models), a label (class models), nothing (unconditional).
+  label = run.dataset.canonical_labels[0]
+  request = {"text": run.dataset.caption_for(label), "class": label}.get(run.conditioning.kind)
+  inputs = jax.tree.map(jnp.asarray, run.conditioning.inputs_for([request] * _BATCH.value))
+  null_inputs = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(_BATCH.value))
   scale = jnp.full((_BATCH.value,), 3.0)
   rng = jax.random.PRNGKey(0)
 
   # Scan: the library's compiled-once sampler.
-  scan_fn = sampling.make_sample_fn(model, schedule, options)
+  scan_fn = generation.make_sample_fn(model, schedule, options, run.autoencoder)
   start = time.perf_counter()
-  scan_compiled = scan_fn.lower(params, tokens, uncond_tokens, scale, rng).compile()
+  scan_compiled = scan_fn.lower(params, inputs, null_inputs, scale, rng).compile()
   scan_compile = time.perf_counter() - start
-  scan_time = _time(lambda: scan_compiled(params, tokens, uncond_tokens, scale, rng), _REPEATS.value)
+  scan_time = _time(lambda: scan_compiled(params, inputs, null_inputs, scale, rng), _REPEATS.value)
 
   # Loop: the same step, jitted alone, called once per timestep from Python.
   def one_step(params, cond, uncond, scale, carry, inputs):
-    denoise = lambda x, t, c: model.apply({"params": params}, x, t, *c, method=TextToImageModel.denoise)
+    denoise = lambda x, t, c: model.apply({"params": params}, x, t, c, method=DiffusionModel.denoise)
     return samplers.make_step_fn(denoise, cond, uncond, scale, options, schedule.num_timesteps)(carry, inputs)[0]
 
-  encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=TextToImageModel.encode_text))
-  cond, uncond = encode(params, tokens), encode(params, uncond_tokens)
+  encode = jax.jit(lambda p, i: model.apply({"params": p}, i, method=DiffusionModel.encode_condition))
+  cond = encode(params, inputs)
+  # As the scan sampler: an unconditional model has no unconditional branch (one forward pass per step).
+  uncond = encode(params, null_inputs) if model.conditioning_kind != "none" else None
   consts, keys = samplers.step_inputs(schedule, options, rng)
   per_step = [(jax.tree.map(lambda a, i=i: a[i], consts), keys[i]) for i in range(_STEPS.value)]
-  x_T = jax.random.normal(rng, (_BATCH.value,) + tuple(model.image_shape))
+  x_T = jax.random.normal(rng, (_BATCH.value,) + tuple(model.latent_shape))
   carry0 = (x_T, jnp.zeros_like(x_T))
   start = time.perf_counter()
   step_compiled = jax.jit(one_step).lower(params, cond, uncond, scale, carry0, per_step[0]).compile()
@@ -78,9 +82,9 @@ def main(argv):
 
   def run_loop():
     carry = carry0
-    for inputs in per_step:
-      carry = step_compiled(params, cond, uncond, scale, carry, inputs)
-    return carry[0]
+    for xs in per_step:
+      carry = step_compiled(params, cond, uncond, scale, carry, xs)
+    return run.autoencoder.decode(carry[0])  # As the scan sampler's output.
 
   loop_time = _time(run_loop, _REPEATS.value)
   result = {

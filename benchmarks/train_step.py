@@ -19,11 +19,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import train, train_state
-from diffusion_jax.diffusion import schedules
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import create_model
-from diffusion_jax.parallel import mesh as mesh_lib
+from diffusion_jax import build, train_state
+from diffusion_jax import train_step as train_step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Model and batch config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
@@ -42,19 +39,18 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def measure(config, steps: int) -> dict:
-  mesh = mesh_lib.create_mesh(config.mesh.shape)
-  rules = mesh_lib.logical_rules(config)
-  model, tx = create_model(config), train_state.create_optimizer(config)
-  schedule = schedules.schedule_from_config(config)
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, rules,
-                                                    config.mesh.replicate_indivisible)
-  step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
-  tok = ByteTokenizer(config.text.max_length)
+  run = build.build(config)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh,
+                                                    run.rules, config.mesh.replicate_indivisible)
+  step = train_step_lib.make_train_step(run, shardings)
   b, s = config.batch_size, config.dataset.image_size
   rng = np.random.default_rng(0)
-  batch = train.global_batch({
-      "image": rng.integers(0, 256, (b, s, s, config.dataset.channels), dtype=np.uint8),
-      "tokens": np.stack([tok.encode("a handwritten digit 3")] * b)}, mesh)
+  # One request repeated: a caption (text models), a label (class models), nothing (unconditional).
+  label = run.dataset.canonical_labels[0]
+  request = {"text": run.dataset.caption_for(label), "class": label}.get(run.conditioning.kind)
+  local = {"image": rng.integers(0, 256, (b, s, s, config.dataset.channels), dtype=np.uint8),
+           **run.conditioning.inputs_for([request] * b)}
+  batch = train_step_lib.global_batch(local, run.mesh, ("image",) + tuple(run.conditioning.input_keys))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

@@ -53,10 +53,15 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"
-  c.dataset.data_dir = ""  # "" = $DIFFUSION_JAX_DATA_DIR or ~/.cache/diffusion_jax/tensorflow_datasets.
+  # "" = $DIFFUSION_JAX_DATA_DIR, else the dataset's default: ~/.cache/diffusion_jax/tensorflow_datasets for
+  # the project's own datasets (built locally), $TFDS_DATA_DIR or ~/tensorflow_datasets for standard ones.
+  c.dataset.data_dir = ""
   c.dataset.image_size = 8
   c.dataset.channels = 1
   c.dataset.num_threads = 2  # grain read threads per process.
+  # Random horizontal flips of training images: True/False, or None for the dataset's default (cifar10
+  # flips, digits do not: a mirrored digit is not a digit).
+  c.dataset.random_flip = ml_collections.config_dict.placeholder(bool)
 
   c.text = ml_collections.ConfigDict()
   c.text.max_length = 32  # Tokens per prompt, BOS and EOS included.
@@ -64,6 +69,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype ("bfloat16" for mixed precision); parameters stay float32.
   c.model.remat_policy = "none"  # Activation checkpointing of U-Net blocks: none, full, dots, dots_no_batch.
+  # What the model is conditioned on: "text" (prompts, jointly trained text encoder), "class" (labels of
+  # the dataset's classes, with a null label for guidance) or "none" (unconditional).
+  c.model.conditioning = "text"
+  c.model.class_embedding_width = 128  # Class models: width of the label embedding.
+  c.model.autoencoder = "pixels"  # The space the diffusion runs in: "pixels" (identity); latents later.
   c.model.text_encoder = ml_collections.ConfigDict()
   c.model.text_encoder.width = 64
   c.model.text_encoder.depth = 2
@@ -112,7 +122,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.sampling.guidance_interval = (0.0, 1.0)  # Guidance only for t/T in [lo, hi].
   c.sampling.negative_prompt = ""  # Prompt of the unconditional branch.
   c.sampling.num_per_prompt = 8  # Images per prompt in the periodic training grid.
-  c.sampling.prompts = ""  # ";"-separated; "" = the dataset's canonical prompts.
+  c.sampling.prompts = ""  # Text models: ";"-separated prompts; "" = the dataset's canonical prompts.
+  c.sampling.labels = ""  # Class models: ","-separated labels; "" = the dataset's canonical labels.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 = "all remaining devices".
@@ -122,19 +133,31 @@ def get_default_config() -> ml_collections.ConfigDict:
   return c
 
 
-ALLOWED_VALUES = {
-    "dataset.name": ("digits",),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
-    "diffusion.beta_schedule": ("linear", "scaled_linear", "cosine"),
-    "diffusion.loss_weighting": ("uniform", "min_snr"),
-    "diffusion.prediction_type": ("eps", "v", "x0"),
-    "optimizer.schedule": ("cosine", "constant"),
-    "sampling.sampler": ("ddim", "ddpm", "dpm_solver_pp_2m"),
-    "sampling.spacing": ("linspace", "leading", "trailing"),
-    "sampling.ddpm_variance": ("small", "large"),
-    "sampling.x0_clipping": ("static", "dynamic", "none"),
-}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def allowed_values() -> dict[str, tuple[str, ...]]:
+  """The allowed values of each choice option, read from the module that implements it."""
+  # pylint: disable=g-import-not-at-top  (those modules import JAX; the config schema does not need to)
+  from diffusion_jax import train_state
+  from diffusion_jax.data import registry
+  from diffusion_jax.diffusion import losses, samplers, schedules
+  from diffusion_jax.models import autoencoder, conditioning, unet
+  return {
+      "dataset.name": tuple(registry.names()),
+      "model.dtype": COMPUTE_DTYPES,
+      "model.remat_policy": ("none",) + tuple(unet.REMAT_POLICIES),
+      "model.conditioning": conditioning.KINDS,
+      "model.autoencoder": autoencoder.KINDS,
+      "diffusion.beta_schedule": tuple(schedules.BETA_SCHEDULES),
+      "diffusion.loss_weighting": losses.LOSS_WEIGHTINGS,
+      "diffusion.prediction_type": losses.PREDICTION_TYPES,
+      "optimizer.schedule": train_state.LEARNING_RATE_SCHEDULES,
+      "sampling.sampler": samplers.SAMPLERS,
+      "sampling.spacing": samplers.SPACINGS,
+      "sampling.ddpm_variance": samplers.DDPM_VARIANCES,
+      "sampling.x0_clipping": samplers.X0_CLIPPINGS,
+  }
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -194,7 +217,8 @@ POSITIVE_INTEGERS = (
     "eval_num_examples", "text.max_length", "diffusion.num_timesteps", "sampling.num_steps",
     "sampling.num_per_prompt", "dataset.image_size", "dataset.channels", "dataset.num_threads",
     "model.text_encoder.width", "model.text_encoder.depth", "model.text_encoder.num_heads",
-    "model.text_encoder.mlp_ratio", "model.unet.channels", "model.unet.num_res_blocks",
+    "model.text_encoder.mlp_ratio", "model.class_embedding_width", "model.unet.channels",
+    "model.unet.num_res_blocks",
     "model.unet.head_dim", "model.unet.norm_groups")
 
 
@@ -231,18 +255,38 @@ def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
 
 def _check_sampling(config: ml_collections.ConfigDict) -> None:
   """The sampler settings and prompts of the periodic sample grid, so a run cannot die at its end."""
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top  (sampling imports the model)
-  from diffusion_jax.models.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import generation  # pylint: disable=g-import-not-at-top  (imports the model)
+  from diffusion_jax.text.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
   try:
-    sampling.sampler_options(config).validate(config.diffusion.num_timesteps)
+    generation.sampler_options(config).validate(config.diffusion.num_timesteps)
   except UserError as exc:
     raise UserError(f"config.sampling: {exc}") from exc
+  kind = config.model.conditioning
+  if kind != "text" and (config.sampling.prompts or config.sampling.negative_prompt):
+    raise UserError(f"config.sampling.prompts / negative_prompt need model.conditioning='text'; this model's "
+                    f"is {kind!r} (class models take sampling.labels)")
+  if kind != "class" and config.sampling.labels:
+    raise UserError(f"config.sampling.labels needs model.conditioning='class'; this model's is {kind!r}")
+  if kind == "class":
+    generation.parse_labels(config.sampling.labels)
   tokenizer = ByteTokenizer(config.text.max_length)
-  for prompt in sampling.parse_prompts(config.sampling.prompts) + [config.sampling.negative_prompt]:
+  for prompt in generation.parse_prompts(config.sampling.prompts) + [config.sampling.negative_prompt]:
     try:
       tokenizer.encode(prompt)
     except UserError as exc:
       raise UserError(f"config.sampling: {exc}") from exc
+
+
+def _check_dataset(config: ml_collections.ConfigDict) -> None:
+  """The config's image shape is the dataset's, and the dataset offers what the model is conditioned on."""
+  from diffusion_jax.data import registry  # pylint: disable=g-import-not-at-top
+  spec = registry.get(config.dataset.name)
+  shape = (config.dataset.image_size, config.dataset.image_size, config.dataset.channels)
+  if shape != tuple(spec.image_shape):
+    raise UserError(f"config.dataset.image_size={config.dataset.image_size}, channels={config.dataset.channels} "
+                    f"give images of shape {shape}; dataset {spec.name!r} has {tuple(spec.image_shape)}")
+  if config.model.conditioning == "class" and spec.num_classes < 1:
+    raise UserError(f"model.conditioning='class' needs a dataset with class labels; {spec.name!r} has none")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -256,7 +300,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(given) - set(known))
   if unknown:
     raise UserError(f"unknown config key(s) {unknown}; known keys are: {', '.join(sorted(known))}")
-  for key, allowed in ALLOWED_VALUES.items():
+  for key, allowed in allowed_values().items():
     if given[key] not in allowed:
       raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
   _check_finite(given)
@@ -271,6 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if len(config.mesh.shape) != len(MESH_AXES):
     raise UserError(f"config.mesh.shape={tuple(config.mesh.shape)} needs one size per axis {MESH_AXES}")
   _check_model_shapes(config)
+  _check_dataset(config)
   _check_sampling(config)
 
 

@@ -16,17 +16,18 @@ import math
 import os
 from absl import flags, logging
 
-from diffusion_jax import cli, evaluation, inference, paths
-from diffusion_jax.data.builders import digits
+from diffusion_jax import cli, inference, paths, run_files
+from diffusion_jax.metrics import sample_quality
+from diffusion_jax.data import registry
 from diffusion_jax.diffusion import vlb
 from diffusion_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or exported directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _SCALES = flags.DEFINE_list("guidance_scales", ["1", "3"], "Guidance scales to measure.")
-_TEMPLATES = flags.DEFINE_string("templates", "0", "Caption templates to prompt with: indices "
-                                 f"into {digits.CAPTION_TEMPLATES} separated by ',', or 'all'.")
-_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 50, "Samples per digit, template and scale.")
+_TEMPLATES = flags.DEFINE_string("templates", "0", "Text models: the dataset's caption templates to prompt "
+                                 "with, as indices separated by ',', or 'all'.")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 50, "Samples per class, template and scale.")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _NLL_TIMESTEPS = flags.DEFINE_integer("nll_timesteps", 100, "Timesteps sampled per batch for the NLL "
@@ -49,15 +50,15 @@ def _parse_scales(values: list[str]) -> list[float]:
   return scales
 
 
-def _parse_templates(text: str) -> list[int]:
+def _parse_templates(text: str, num_templates: int) -> list[int]:
   if text == "all":
-    return list(range(len(digits.CAPTION_TEMPLATES)))
+    return list(range(num_templates))
   try:
     templates = [int(t) for t in text.split(",")]
   except ValueError:
     templates = [-1]
-  if any(not 0 <= t < len(digits.CAPTION_TEMPLATES) for t in templates):
-    raise UserError(f"--templates={text!r}: give indices in [0, {len(digits.CAPTION_TEMPLATES)}) or 'all'")
+  if any(not 0 <= t < num_templates for t in templates):
+    raise UserError(f"--templates={text!r}: give indices in [0, {num_templates}) or 'all'")
   return templates
 
 
@@ -88,28 +89,34 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}")
   # Every flag and the output directory are checked before the model loads.
   scales = _parse_scales(_SCALES.value)
-  templates = _parse_templates(_TEMPLATES.value)
-  _check_counts(inference.read_config(_WORKDIR.value).diffusion.num_timesteps)
-  _check_writable(os.path.dirname(evaluation.metrics_path(_WORKDIR.value, _OUT.value, step=0)))
+  config = inference.read_config(_WORKDIR.value)
+  dataset = registry.get(config.dataset.name)
+  templates = _parse_templates(_TEMPLATES.value, dataset.num_caption_templates)
+  _check_counts(config.diffusion.num_timesteps)
+  _check_writable(os.path.dirname(run_files.metrics_path(_WORKDIR.value, _OUT.value, step=0)))
   loaded = inference.load(_WORKDIR.value, _STEP.value)
-  path = evaluation.metrics_path(_WORKDIR.value, _OUT.value, loaded.step)
-  settings = evaluation.eval_settings(loaded.step, num_per_prompt=_NUM_PER_PROMPT.value, steps=_STEPS.value,
+  path = run_files.metrics_path(_WORKDIR.value, _OUT.value, loaded.step)
+  settings = run_files.eval_settings(loaded.step, num_per_prompt=_NUM_PER_PROMPT.value, steps=_STEPS.value,
                            seed=_SEED.value, nll_timesteps=_NLL_TIMESTEPS.value, nll_variance=_NLL_VARIANCE.value)
-  old = None if _OVERWRITE.value else evaluation.read_record(path)
-  changed = evaluation.changed_settings(old or {}, settings)
+  old = None if _OVERWRITE.value else run_files.read_record(path)
+  changed = run_files.changed_settings(old or {}, settings)
   if changed:
     differences = ", ".join(f"{k} ({old_value!r} there, {new_value!r} now)"
                             for k, (old_value, new_value) in changed.items())
     raise UserError(f"{path!r} holds metrics of other settings: {differences}; pass the same settings to add "
                     f"to it, --overwrite to replace it, or --out=PATH to write elsewhere")
 
-  metrics = evaluation.prompt_accuracy(loaded, scales, num_per_prompt=_NUM_PER_PROMPT.value,
-                                       num_steps=_STEPS.value, seed=_SEED.value, templates=templates)
+  metrics = {}
+  if dataset.reference_classifier is not None:
+    metrics.update(sample_quality.sample_accuracy(loaded, scales, num_per_class=_NUM_PER_PROMPT.value,
+                                              num_steps=_STEPS.value, seed=_SEED.value, templates=templates))
+  else:
+    logging.warning("Dataset %r has no reference classifier: no sample accuracy, only the NLL.", dataset.name)
   if _NLL_TIMESTEPS.value >= 0:
-    metrics.update(evaluation.nll_bits_per_dim(
+    metrics.update(sample_quality.nll_bits_per_dim(
         loaded, num_timesteps=_NLL_TIMESTEPS.value or None, model_variance=_NLL_VARIANCE.value, seed=_SEED.value))
-  record = evaluation.merge_records(old or {}, {**settings, **metrics})
-  evaluation.write_record(path, record)
+  record = run_files.merge_records(old or {}, {**settings, **metrics})
+  run_files.write_record(path, record)
   for name, value in metrics.items():
     logging.info("%s = %.4f", name, value)
   print(json.dumps(record, indent=2))

@@ -43,3 +43,12 @@ def save_png(path: str, image: np.ndarray) -> None:
   tmp = path + ".tmp"
   pil.save(tmp, format="PNG")
   os.replace(tmp, path)
+
+
+def save_grid(path: str, images: np.ndarray, num_rows: int) -> np.ndarray:
+  """Writes uint8 images [N, H, W, C] as a PNG grid of `num_rows` rows (small images upscaled to about
+  32 pixels, so 8×8 digits stay visible); returns the grid."""
+  upscale = max(1, 32 // int(np.asarray(images).shape[1]))
+  grid = make_grid(images, num_rows=num_rows, upscale=upscale)
+  save_png(path, grid)
+  return grid

@@ -18,56 +18,38 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffusion_jax import config as config_lib
-from diffusion_jax import train_state
+from diffusion_jax import build, run_files, train_state
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
-from diffusion_jax.diffusion import schedules
 from diffusion_jax.errors import UserError
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import TextToImageModel, create_model
-from diffusion_jax.parallel import mesh as mesh_lib
 
 EXPORT_MANIFEST = "export.json"
 
 
 @dataclasses.dataclass
 class LoadedModel:
-  config: Any
-  model: TextToImageModel
-  schedule: schedules.NoiseSchedule
-  tokenizer: ByteTokenizer
-  params: Any  # EMA parameters, on the host.
+  """A trained model ready to sample: its run's pieces (`run.config`, `run.model`, `run.conditioning`, …)
+  built for inference, the EMA parameters on the host, and the checkpoint step they come from."""
+
+  run: build.Run
+  params: Any
   step: int
+
+  @property
+  def config(self):
+    return self.run.config
 
 
 def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, EXPORT_MANIFEST))
 
 
-def read_config(path: str):
-  """The config of a training workdir or an exported directory, merged onto today's defaults."""
-  if not os.path.exists(path):
-    raise UserError(f"{path!r} does not exist; pass the --workdir of a training run or an exported directory")
-  if not os.path.isdir(path):
-    raise UserError(f"{path!r} is not a directory; pass the --workdir of a training run or an exported directory")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise UserError(f"{config_path!r} does not exist; is {path!r} a training workdir or an exported directory?")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      return config_lib.with_defaults(config_lib.from_json(f.read()))
-  except (OSError, ValueError) as exc:
-    raise UserError(f"cannot read {config_path!r}: {exc}") from exc
+read_config = run_files.read_config
 
 
-def _inference_setup(config):
-  """The model and abstract train state, replicated over a data-parallel mesh of the local devices
-  (so parameters trained on any mesh load here). `config` is not changed."""
-  mesh = mesh_lib.create_mesh((-1, 1, 1))
-  model = create_model(config)
-  abstract = train_state.abstract_train_state(model, train_state.create_optimizer(config), mesh,
-                                              mesh_lib.logical_rules(config), True)
-  return model, abstract
+def build_for_inference(config) -> build.Run:
+  """The run's pieces on a data-parallel mesh of the local devices, so that parameters trained on any
+  mesh load here (`config` itself is not changed)."""
+  return build.build(config, mesh_shape=(-1, 1, 1))
 
 
 def _check_finite(params: Any, where: str) -> None:
@@ -130,16 +112,15 @@ def load(path: str, step: int | None = None) -> LoadedModel:
   Every path verifies the parameters against the fingerprint saved with them, and refuses
   parameters that hold NaN or inf.
   """
-  config = read_config(path)
-  model, abstract_state = _inference_setup(config)
+  run = build_for_inference(read_config(path))
+  abstract_state = run.abstract_state(replicate_indivisible=True)
   if is_export(path):
     params, step = _load_export(path, step, abstract_state.ema_params)
   else:
     params, step = _load_checkpoint(path, step, abstract_state)
   params = jax.device_get(params)
   _check_finite(params, f"{path!r} (step {step})")
-  schedule = schedules.schedule_from_config(config)
-  return LoadedModel(config, model, schedule, ByteTokenizer(config.text.max_length), params, step)
+  return LoadedModel(run, params, step)
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
@@ -152,9 +133,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out, "params"), loaded.params)
   checkpointer.wait_until_finished()
-  with open(os.path.join(out, "config.json.tmp"), "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(loaded.config))
-  os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+  run_files.write_config(loaded.config, out)
   manifest = {"step": loaded.step, "source": os.path.abspath(workdir),
               "num_params": train_state.param_count(loaded.params),
               "params_fingerprint": fingerprint(loaded.params)}

@@ -1,7 +1,9 @@
-"""Sample: prompts → samples.npz (+ a PNG grid beside it).
+"""Sample: prompts (text models), labels (class models) or nothing (unconditional) → samples.npz + a PNG grid.
 
 python -m diffusion_jax.sample --workdir=runs/digits --prompts="a handwritten digit 3;the number seven" \
     --num_per_prompt=16 --guidance_scale=3 --sampler=ddim --steps=50 --seed=0 --out=samples.npz
+python -m diffusion_jax.sample --workdir=runs/digits_class --labels=3,7,7 --guidance_scale=3
+python -m diffusion_jax.sample --workdir=runs/digits_uncond --num_per_prompt=64
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ import os
 import numpy as np
 from absl import flags, logging
 
-from diffusion_jax import cli, inference, paths, sampling
+from diffusion_jax import cli, generation, inference, paths
 from diffusion_jax import images as images_lib
-from diffusion_jax.data.builders import digits
+from diffusion_jax import build
+from diffusion_jax.data import registry
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import UserError
-from diffusion_jax.models.tokenizer import ByteTokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Training workdir (config.json + checkpoints/) or exported directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the latest.")
-_PROMPTS = flags.DEFINE_string("prompts", ";".join(digits.caption_for(d) for d in range(10)),
-                               "';'-separated prompts.")
-_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 8, "Images per prompt.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Text models: ';'-separated prompts; default: the dataset's "
+                               "canonical prompt of each class.")
+_LABELS = flags.DEFINE_string("labels", None, "Class models: ','-separated labels (e.g. 3,7,7); default: "
+                              "each of the dataset's classes.")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 8, "Images per prompt or label; for unconditional "
+                                       "models, the number of images.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale s (1 = no guidance); "
                                 "default: the run's config.sampling.guidance_scale.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt for the unconditional branch (default: '').")
@@ -56,22 +61,46 @@ def output_paths(out: str) -> tuple[str, str]:
   return out, out[:-len(".npz")] + ".png"
 
 
+def requests_from_flags(config) -> list:
+  """One entry per grid row: the prompts (text), the labels (class) or one placeholder (unconditional);
+  a one-line error when the flags do not fit the model's conditioning."""
+  kind, dataset = config.model.conditioning, registry.get(config.dataset.name)
+  given = {"--prompts": _PROMPTS.value, "--labels": _LABELS.value}
+  wanted = {"text": "--prompts", "class": "--labels", "none": None}[kind]
+  for flag, value in given.items():
+    if value is not None and flag != wanted:
+      hint = f"it takes {wanted}" if wanted else "it takes only --num_per_prompt (the number of images)"
+      raise UserError(f"{flag} does not apply: this model's conditioning is {kind!r}; {hint}")
+  if kind != "text" and _NEGATIVE.value:
+    raise UserError(f"--negative_prompt needs a text model; this model's conditioning is {kind!r}")
+  conditioning = build.create_conditioning(config, dataset)
+  if kind == "text":
+    rows = generation.parse_prompts(_PROMPTS.value) if _PROMPTS.value is not None else list(dataset.canonical_prompts())
+    if not rows:
+      raise UserError("give at least one prompt (--prompts='a;b')")
+    conditioning.inputs_for(rows + [_NEGATIVE.value or ""])  # Over-long prompts fail here, before loading.
+  elif kind == "class":
+    rows = generation.parse_labels(_LABELS.value) if _LABELS.value is not None else list(dataset.canonical_labels)
+    if not rows:
+      raise UserError("give at least one label (--labels=3,7)")
+    conditioning.inputs_for(rows)  # Out-of-range labels fail here.
+  else:
+    rows = [None]
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}")
-  prompts = sampling.parse_prompts(_PROMPTS.value)
-  if not prompts or _NUM_PER_PROMPT.value < 1:
-    raise UserError("give at least one prompt (--prompts='a;b') and --num_per_prompt >= 1")
+  if _NUM_PER_PROMPT.value < 1:
+    raise UserError(f"--num_per_prompt={_NUM_PER_PROMPT.value} is not allowed; give an integer >= 1")
   if _GUIDANCE.value is not None and not math.isfinite(_GUIDANCE.value):
     raise UserError(f"--guidance_scale={_GUIDANCE.value} is not allowed; give a finite number (1 = no guidance)")
-  # Fail on a bad workdir, an over-long prompt or an unwritable --out before loading or compiling anything.
-  tokenizer = ByteTokenizer(inference.read_config(_WORKDIR.value).text.max_length)
-  for p in prompts + [_NEGATIVE.value or ""]:
-    tokenizer.encode(p)
+  # Fail on a bad workdir, prompt, label or an unwritable --out before loading or compiling anything.
+  config = inference.read_config(_WORKDIR.value)
+  rows = requests_from_flags(config)
   out, png = output_paths(_OUT.value)
   paths.ensure_writable_dir(os.path.dirname(out), "--out directory")
-  loaded = inference.load(_WORKDIR.value, _STEP.value)
-  all_prompts = [p for p in prompts for _ in range(_NUM_PER_PROMPT.value)]
   interval = None
   if _INTERVAL.value is not None:
     try:
@@ -80,19 +109,35 @@ def main(argv):
       raise UserError(f"--guidance_interval={','.join(_INTERVAL.value)}: {exc}") from exc
     if len(interval) != 2:
       raise UserError(f"--guidance_interval={','.join(_INTERVAL.value)} needs two numbers lo,hi")
-  options = sampling.sampler_options(
-      loaded.config, sampler=_SAMPLER.value, num_steps=_STEPS.value, spacing=_SPACING.value, eta=_ETA.value,
+  options = generation.sampler_options(
+      config, sampler=_SAMPLER.value, num_steps=_STEPS.value, spacing=_SPACING.value, eta=_ETA.value,
       x0_clipping=_X0_CLIPPING.value, guidance_rescale=_RESCALE.value, guidance_interval=interval)
-  sample_fn = sampling.make_sample_fn(loaded.model, loaded.schedule, options)
-  scale = loaded.config.sampling.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
-  negative = loaded.config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
-  images = images_lib.to_uint8(sampling.generate(sample_fn, loaded.params, loaded.tokenizer, all_prompts,
+  options.validate(config.diffusion.num_timesteps)
+
+  loaded = inference.load(_WORKDIR.value, _STEP.value)
+  run = loaded.run
+  requests = [r for r in rows for _ in range(_NUM_PER_PROMPT.value)]
+  sample_fn = generation.make_sample_fn(run.model, run.schedule, options, run.autoencoder)
+  scale = config.sampling.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+  if run.conditioning.kind == "none":
+    if _GUIDANCE.value not in (None, 1.0):
+      logging.warning("--guidance_scale=%s ignored: an unconditional model samples without guidance.", scale)
+    scale = 1.0
+  negative = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
+  images = images_lib.to_uint8(generation.generate(sample_fn, loaded.params, run.conditioning, requests,
                                                  scale, _SEED.value, negative))
-  np.savez(out, images=images, prompts=np.asarray(all_prompts), guidance_scale=np.float32(scale),
-           seed=np.int64(_SEED.value), step=np.int64(loaded.step))
-  images_lib.save_png(png, images_lib.make_grid(images, num_rows=len(prompts), upscale=4))
-  logging.info("Wrote %d samples of checkpoint step %d to %s and the grid (one row per prompt) to %s",
-               len(images), loaded.step, out, png)
+  fields = {}  # What each image was asked for: samples.npz holds `prompts` or `labels` [N].
+  if run.conditioning.kind == "text":
+    fields["prompts"] = np.asarray(requests)
+  elif run.conditioning.kind == "class":
+    fields["labels"] = np.asarray(requests, np.int64)
+  np.savez(out, images=images, guidance_scale=np.float32(scale), seed=np.int64(_SEED.value),
+           step=np.int64(loaded.step), **fields)
+  num_rows = len(rows) if len(rows) > 1 else max(1, int(math.sqrt(len(images))))
+  images_lib.save_grid(png, images, num_rows=num_rows)
+  logging.info("Wrote %d samples of checkpoint step %d to %s and the grid (one row per %s) to %s",
+               len(images), loaded.step, out, {"text": "prompt", "class": "label"}.get(run.conditioning.kind,
+                                                                                   "row"), png)
   print(f"samples: {out}\ngrid: {png}")
 
 

@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.models.unet import TextToImageModel
+from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
 
 
 @flax.struct.dataclass
 class TrainState:
-  """step: int32 [], batches consumed; params/ema_params: {'text_encoder', 'unet'}; rng: uint32 [2] root key.
+  """step: int32 [], batches consumed; params/ema_params: {'unet', conditioner}; rng: uint32 [2] root key.
 
   nonfinite_steps: int32 [], steps skipped because their loss or gradients were not finite;
   nonfinite_streak: int32 [], how many of the latest steps in a row were skipped.
@@ -40,38 +40,42 @@ def learning_rate_schedule(config) -> optax.Schedule:
                                optax.constant_schedule(opt.learning_rate)], [opt.warmup_steps])
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with warmup and global-norm gradient clipping."""
+LEARNING_RATE_SCHEDULES = ("cosine", "constant")
+
+
+def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """AdamW with warmup and global-norm gradient clipping; the top-level parameter subtrees named in
+  `frozen` get no update and no optimizer state."""
   opt = config.optimizer
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(opt.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+  if not frozen:
+    return tx
+  # One label per parameter; a logically partitioned parameter (nn.Partitioned box) is one parameter.
+  labels = lambda params: {k: jax.tree.map(lambda _: "frozen" if k in frozen else "train", v,
+                                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
+                           for k, v in params.items()}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def dummy_inputs(model: TextToImageModel, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
-  x = jnp.zeros((batch,) + tuple(model.image_shape), jnp.float32)
-  t = jnp.zeros((batch,), jnp.int32)
-  tokens = jnp.zeros((batch, model.text_encoder.max_length), jnp.int32)
-  return x, t, tokens
-
-
-def _init_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTransformation) -> TrainState:
+def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation) -> TrainState:
   """Boxed (nn.Partitioned) state: logical axis names travel with the leaves."""
   init_rng, state_rng = jax.random.split(rng)
-  params = model.init(init_rng, *dummy_inputs(model))["params"]
+  params = model.init(init_rng, *model.dummy_inputs())["params"]
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=state_rng,
                     nonfinite_steps=zero, nonfinite_streak=zero)
 
 
-def state_shardings(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules,
+def state_shardings(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
                     replicate_indivisible: bool = False) -> Any:
   """NamedShardings of the (unboxed) TrainState, from the parameters' logical axis names."""
   abstract = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx))
   return mesh_lib.logical_to_sharding(abstract, mesh, rules, replicate_indivisible=replicate_indivisible)
 
 
-def create_train_state(rng: jax.Array, model: TextToImageModel, tx: optax.GradientTransformation,
+def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                        mesh, rules, replicate_indivisible: bool = False) -> tuple[TrainState, Any]:
   """Initializes every leaf directly on its shards; returns (state, its shardings)."""
   shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
@@ -80,7 +84,7 @@ def create_train_state(rng: jax.Array, model: TextToImageModel, tx: optax.Gradie
     return init(rng), shardings
 
 
-def abstract_train_state(model: TextToImageModel, tx: optax.GradientTransformation, mesh, rules,
+def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
                          replicate_indivisible: bool = False) -> Any:
   """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
   shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)

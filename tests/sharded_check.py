@@ -13,25 +13,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from diffusion_jax import train, train_state
+from diffusion_jax import build, train_state
+from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.data import pipeline
-from diffusion_jax.diffusion import schedules
 from diffusion_jax.errors import UserError
-from diffusion_jax.models.unet import create_model
 from diffusion_jax.parallel import mesh as mesh_lib
 from tests.conftest import tiny_config
 
 STEPS = 3
 
 
-def run(config, devices):
-  mesh = mesh_lib.create_mesh(config.mesh.shape, devices)
-  rules = mesh_lib.logical_rules(config)
-  model, tx = create_model(config), train_state.create_optimizer(config)
-  schedule = schedules.schedule_from_config(config)
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, rules,
-                                                    config.mesh.replicate_indivisible)
+def train_on_mesh(config, devices):
+  """STEPS train steps on a mesh of `devices` shaped config.mesh.shape: (state, losses)."""
+  run = build.build(config, devices=devices)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh,
+                                                    run.rules, config.mesh.replicate_indivisible)
   # Zero-initialized output layers make every other gradient exactly 0 at step 0 and tiny after it;
   # Adam normalizes such float-noise-level gradients to full-size steps, so start from perturbed
   # parameters, where gradients are well above rounding noise.
@@ -39,29 +36,29 @@ def run(config, devices):
       lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), s.params)),
       out_shardings=shardings)
   state = perturb(state)
-  step = train.make_train_step(config, model, tx, schedule, shardings, mesh)
-  it = pipeline.create_train_iterator(config)
+  step = train_step_lib.make_train_step(run, shardings)
+  it = pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer)
+  keys = ("image",) + tuple(run.conditioning.input_keys)
   losses = []
-  with mesh_lib.activate(mesh, rules):
+  with mesh_lib.activate(run.mesh, run.rules):
     for _ in range(STEPS):
-      state, metrics = step(state, train.global_batch(next(it), mesh))
+      state, metrics = step(state, train_step_lib.global_batch(next(it), run.mesh, keys))
       losses.append(float(metrics["loss"]))
   return state, losses
 
 
 def restore_on_other_meshes(config, state):
   """Saves `state` (sharded over 8 devices) and restores it onto 1 device and onto fsdp = 4."""
-  model, tx = create_model(config), train_state.create_optimizer(config)
+  tokenizer = build.build(config).conditioning.tokenizer
   saved = jax.tree.leaves(jax.device_get(state))
   results = {}
   with tempfile.TemporaryDirectory() as workdir:
     checkpointer = Checkpointer(workdir)
-    checkpointer.save(3, state, pipeline.create_train_iterator(config), config.to_dict())
+    checkpointer.save(3, state, pipeline.create_train_iterator(config, tokenizer=tokenizer), config.to_dict())
     checkpointer.wait()
     for name, shape, devices in (("1_device", (1, 1, 1), jax.devices()[:1]), ("fsdp_4", (1, 4, 1), jax.devices()[:4])):
-      mesh = mesh_lib.create_mesh(shape, devices)
-      abstract = train_state.abstract_train_state(model, tx, mesh, mesh_lib.logical_rules(config), True)
-      restored = checkpointer.restore(3, abstract, pipeline.create_train_iterator(config))
+      abstract = build.build(config, mesh_shape=shape, devices=devices).abstract_state(replicate_indivisible=True)
+      restored = checkpointer.restore(3, abstract, pipeline.create_train_iterator(config, tokenizer=tokenizer))
       leaves = jax.tree.leaves(restored)
       results[name] = {
           "bit_identical": len(leaves) == len(saved) and all(
@@ -87,12 +84,12 @@ def main():
   config.batch_size = 16
   config.mesh.replicate_indivisible = True  # conv_in has 1 input channel: it cannot be split 8 ways.
   config.mesh.shape = (1, 1, 1)
-  base_state, base_losses = run(config, jax.devices()[:1])
+  base_state, base_losses = train_on_mesh(config, jax.devices()[:1])
   base = jax.tree.leaves(jax.device_get(base_state.params))
   report = {"num_devices": jax.device_count(), "baseline_losses": base_losses, "meshes": {}}
   for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)):
     config.mesh.shape = shape
-    state, losses = run(config, jax.devices())
+    state, losses = train_on_mesh(config, jax.devices())
     if shape == (1, 8, 1):
       report["restore_fsdp8_onto"] = restore_on_other_meshes(config, state)
     params = jax.tree.leaves(jax.device_get(state.params))
@@ -105,7 +102,7 @@ def main():
     }
   # Gradient accumulation on a sharded mesh against the same 1-device baseline.
   config.mesh.shape, config.gradient_accumulation_steps = (1, 4, 2), 2
-  state, losses = run(config, jax.devices())
+  state, losses = train_on_mesh(config, jax.devices())
   report["accumulate_2_on_(1,4,2)"] = {
       "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses, base_losses)),
       "max_abs_param_diff": max(float(np.abs(a - b).max())
@@ -115,12 +112,12 @@ def main():
   config.mesh.shape, config.mesh.replicate_indivisible = (1, 8, 1), False
   report["errors"] = {}
   try:
-    run(config, jax.devices())
+    train_on_mesh(config, jax.devices())
   except UserError as exc:
     report["errors"]["indivisible_parameter"] = str(exc)
   config.batch_size = 12
   try:
-    train.check_batch_divisibility(config, mesh_lib.create_mesh((8, 1, 1)))
+    train_step_lib.check_batch_divisibility(config, mesh_lib.create_mesh((8, 1, 1)))
   except UserError as exc:
     report["errors"]["indivisible_batch"] = str(exc)
   print("REPORT " + json.dumps(report))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import evaluation
+from diffusion_jax import run_files
 from tests.conftest import tiny_config
 from tests.test_cli import REPO, _assert_one_line_error
 
@@ -126,7 +126,7 @@ def test_evaluate_checks_the_out_directory_before_loading(config_only, tmp_path)
 
 def _settings(**changes):
   kwargs = dict(num_per_prompt=50, steps=50, seed=0, nll_timesteps=100, nll_variance="fixed_large")
-  return evaluation.eval_settings(7, **{**kwargs, **changes})
+  return run_files.eval_settings(7, **{**kwargs, **changes})
 
 
 def test_eval_settings_record_the_nll_settings_only_with_an_nll():
@@ -138,14 +138,14 @@ def test_eval_settings_record_the_nll_settings_only_with_an_nll():
 
 def test_changed_settings():
   old = {**_settings(), "accuracy/template_0/guidance_1": 0.5}
-  assert evaluation.changed_settings(old, _settings()) == {}
-  assert evaluation.changed_settings(old, _settings(steps=20, seed=3)) == {"steps": (50, 20), "seed": (0, 3)}
-  assert evaluation.changed_settings(old, _settings(nll_variance="fixed_small")) == {
+  assert run_files.changed_settings(old, _settings()) == {}
+  assert run_files.changed_settings(old, _settings(steps=20, seed=3)) == {"steps": (50, 20), "seed": (0, 3)}
+  assert run_files.changed_settings(old, _settings(nll_variance="fixed_small")) == {
       "nll_variance": ("fixed_large", "fixed_small")}
   # Without an NLL now, the old NLL settings do not matter; without one before, the new ones do not conflict.
-  assert evaluation.changed_settings(old, _settings(nll_timesteps=-1)) == {}
-  assert evaluation.changed_settings(_settings(nll_timesteps=-1), _settings(nll_timesteps=0)) == {}
-  assert evaluation.changed_settings({}, _settings()) == {}
+  assert run_files.changed_settings(old, _settings(nll_timesteps=-1)) == {}
+  assert run_files.changed_settings(_settings(nll_timesteps=-1), _settings(nll_timesteps=0)) == {}
+  assert run_files.changed_settings({}, _settings()) == {}
 
 
 def test_merge_records_adds_and_updates_metrics_settings_first():
@@ -153,13 +153,13 @@ def test_merge_records_adds_and_updates_metrics_settings_first():
          "accuracy/template_0/guidance_1": 0.2, "accuracy/template_0/guidance_3": 0.5}
   new = {**_settings(), "classifier_test_accuracy": 0.99, "accuracy/template_0/guidance_3": 0.6,
          "accuracy/template_0/guidance_5": 0.7, "nll_bits_per_dim": 4.0}
-  merged = evaluation.merge_records(old, new)
-  assert list(merged)[:7] == list(evaluation.SETTINGS)
+  merged = run_files.merge_records(old, new)
+  assert list(merged)[:7] == list(run_files.SETTINGS)
   assert merged["accuracy/template_0/guidance_1"] == 0.2
   assert merged["accuracy/template_0/guidance_3"] == 0.6
   assert merged["accuracy/template_0/guidance_5"] == 0.7
   assert merged["nll_bits_per_dim"] == 4.0 and merged["nll_timesteps"] == 100
-  assert evaluation.merge_records({}, new) == new
+  assert run_files.merge_records({}, new) == new
 
 
 def test_evaluate_merges_refuses_overwrites(trained, data_dir, tmp_path):

@@ -1,5 +1,6 @@
 """A damaged TFDS cache: project datasets are rebuilt, others are reported with their directory and fix."""
 
+import dataclasses
 import glob
 import logging
 import os
@@ -8,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import pipeline, registry
 from diffusion_jax.errors import UserError
 from tests.conftest import tiny_config
 
@@ -34,6 +35,12 @@ def _assert_same_records(a, b):
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
     assert (x["label"], x["caption"]) == (y["label"], y["caption"])
+
+
+def _as_standard_dataset(monkeypatch) -> None:
+  """Registers digits as a standard (not rebuildable) dataset, as a user's TFDS download would be."""
+  spec = dataclasses.replace(registry.get("digits"), rebuildable=False)
+  monkeypatch.setitem(registry.DATASETS, "digits", spec)
 
 
 def _corrupt_train_shard(config) -> None:
@@ -71,7 +78,7 @@ def test_clean_dataset_is_reused(config, caplog):
 
 
 def test_damaged_standard_dataset_names_its_directory_and_the_fix(config, monkeypatch):
-  monkeypatch.setattr(pipeline, "REBUILDABLE", set())
+  _as_standard_dataset(monkeypatch)
   os.remove(os.path.join(_dataset_dir(config), "dataset_info.json"))
   with pytest.raises(UserError, match="dataset_info.json is missing") as exc:
     pipeline.get_builder(config)
@@ -84,7 +91,8 @@ def test_damaged_standard_dataset_names_its_directory_and_the_fix(config, monkey
 @pytest.mark.parametrize("rebuildable, fix", [(True, "and rerun to rebuild it"), (False, "tfds build digits")])
 def test_corrupt_record_at_read_time_is_a_user_error(config, monkeypatch, rebuildable, fix):
   """Damage after get_builder's check (as in a later epoch) surfaces as a UserError where grain reads."""
-  monkeypatch.setattr(pipeline, "REBUILDABLE", {"digits"} if rebuildable else set())
+  if not rebuildable:
+    _as_standard_dataset(monkeypatch)
   it = pipeline.create_train_iterator(config)  # Checks the dataset; reads nothing yet.
   _corrupt_train_shard(config)
   with pytest.raises(UserError) as exc:

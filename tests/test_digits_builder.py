@@ -1,8 +1,10 @@
 import numpy as np
 
 from diffusion_jax.config import get_default_config
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import pipeline, registry
 from diffusion_jax.data.builders import digits
+
+SPEC = registry.get("digits")
 
 
 def _source(data_dir, split):
@@ -36,16 +38,16 @@ def test_captions_name_the_label_and_use_all_templates(data_dir):
     ex = train[i]
     caption = ex["caption"].decode()
     label = int(ex["label"])
-    matches = [t for t in range(len(digits.CAPTION_TEMPLATES)) if digits.caption_for(label, t) == caption]
+    matches = [t for t in range(SPEC.num_caption_templates) if SPEC.caption_for(label, t) == caption]
     assert matches, f"caption {caption!r} is not a template of label {label}"
     seen_templates.update(matches)
-  assert seen_templates == set(range(len(digits.CAPTION_TEMPLATES)))
+  assert seen_templates == set(range(SPEC.num_caption_templates))
 
 
 def test_caption_examples():
-  assert digits.caption_for(7, 0) == "a handwritten digit 7"
-  assert digits.caption_for(7, 1) == "the number seven"
-  assert digits.caption_for(7, 2) == "7"
+  assert SPEC.caption_for(7, 0) == "a handwritten digit 7"
+  assert SPEC.caption_for(7, 1) == "the number seven"
+  assert SPEC.caption_for(7, 2) == "7"
 
 
 def test_split_is_fixed():

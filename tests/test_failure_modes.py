@@ -22,15 +22,15 @@ import optax
 import pytest
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import inference, train, train_state
+from diffusion_jax import inference, run_files, train, train_state
+from diffusion_jax import train_step as train_step_lib
+from diffusion_jax.data import pipeline
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import NonFiniteError, UserError
-from diffusion_jax.models.unet import create_model
-from diffusion_jax.parallel import mesh as mesh_lib
 from tests.conftest import tiny_config
 from tests.test_cli import _assert_one_line_error, _run
-from tests.test_fault_tolerance import _finish, _logged_step, _output, _start, _wait_for_step
+from tests.test_fault_tolerance import _finish, _logged_step, _output, _start, _wait_for_step, one_device_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,14 +198,11 @@ def test_a_config_file_with_an_error_names_the_file_and_line(tmp_path):
 # 3. A NaN learning rate (or any non-finite update) never reaches the parameters or a checkpoint.
 
 def test_a_non_finite_update_from_finite_gradients_is_skipped(config):
-  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-  model = create_model(config)
   # A finite loss and gradient, then a NaN learning rate: what `optimizer.learning_rate=nan` did.
   tx = optax.chain(train_state.create_optimizer(config), optax.scale(jnp.nan))
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh,
-                                                    mesh_lib.logical_rules(config))
-  step = train.make_train_step(config, model, tx, train.schedules.schedule_from_config(config), shardings, mesh)
-  batch = next(train.pipeline.create_train_iterator(config))
+  run, state, shardings = one_device_run(config, optimizer=tx)
+  step = train_step_lib.make_train_step(run, shardings)
+  batch = next(pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer))
   before = jax.device_get(state)
   after, metrics = step(state, {"image": jnp.asarray(batch["image"]), "tokens": jnp.asarray(batch["tokens"])})
   after = jax.device_get(after)
@@ -217,10 +214,8 @@ def test_a_non_finite_update_from_finite_gradients_is_skipped(config):
 
 
 def test_a_state_with_nan_parameters_is_never_saved(config, tmp_path):
-  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-  model, tx = create_model(config), train_state.create_optimizer(config)
-  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, mesh_lib.logical_rules(config))
-  iterator = train.pipeline.create_train_iterator(config)
+  _, state, _ = one_device_run(config)
+  iterator = pipeline.create_train_iterator(config)
   checkpointer = Checkpointer(str(tmp_path), max_to_keep=2)
   checkpointer.save(1, state, iterator, config.to_dict())
   checkpointer.wait()
@@ -234,9 +229,9 @@ def test_a_state_with_nan_parameters_is_never_saved(config, tmp_path):
 
 def test_resume_check_treats_a_saved_nan_as_unchanged(config, tmp_path):
   config.optimizer.learning_rate = math.nan  # As a config.json written before NaN was rejected.
-  train.write_config(config, str(tmp_path))
+  run_files.write_config(config, str(tmp_path))
   os.makedirs(tmp_path / "checkpoints" / "10")
-  train.check_resumable(config, str(tmp_path))  # No "optimizer.learning_rate: nan -> nan".
+  run_files.check_resumable(config, str(tmp_path))  # No "optimizer.learning_rate: nan -> nan".
 
 
 # 4. One trainer per workdir; Ctrl-C saves and stops cleanly.

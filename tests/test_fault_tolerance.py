@@ -5,6 +5,7 @@ every leaf of the final train state (params, EMA, optimizer state, RNG, step) bi
 uninterrupted run of the same config.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import inference, train, train_state
+from diffusion_jax import build, inference, run_files, train, train_state
+from diffusion_jax import train_step as train_step_lib
+from diffusion_jax.data import pipeline
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.errors import NonFiniteError, UserError
-from diffusion_jax.models.unet import create_model
-from diffusion_jax.parallel import mesh as mesh_lib
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,14 +80,22 @@ def _finish(proc):
 
 def _state(workdir, step=None):
   """The full train state of `workdir`'s checkpoint `step` (default: the latest), on one device."""
-  config = inference.read_config(workdir)
-  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-  abstract = train_state.abstract_train_state(create_model(config), train_state.create_optimizer(config), mesh,
-                                              mesh_lib.logical_rules(config))
+  run = build.build(inference.read_config(workdir), mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  abstract = run.abstract_state()
   checkpointer = Checkpointer(workdir, read_only=True)
   state = checkpointer.restore(checkpointer.latest_step() if step is None else step, abstract)
   checkpointer.close()
   return jax.device_get(state)
+
+
+def one_device_run(config, optimizer=None):
+  """(run, a fresh train state, its shardings) on one device; `optimizer` replaces the config's."""
+  run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  if optimizer is not None:
+    run = dataclasses.replace(run, optimizer=optimizer)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh,
+                                                    run.rules)
+  return run, state, shardings
 
 
 def _assert_bit_identical(a, b):
@@ -168,7 +177,8 @@ class _NaNImages:
 
 def _inject_nans(monkeypatch, nan_steps):
   create = train.pipeline.create_train_iterator
-  monkeypatch.setattr(train.pipeline, "create_train_iterator", lambda config: _NaNImages(create(config), nan_steps))
+  monkeypatch.setattr(train.pipeline, "create_train_iterator",
+                      lambda config, **kwargs: _NaNImages(create(config, **kwargs), nan_steps))
 
 
 def test_nan_batches_are_skipped_and_counted_and_too_many_in_a_row_stop_the_run(config, tmp_path, monkeypatch):
@@ -193,12 +203,9 @@ def test_nan_batches_are_skipped_and_counted_and_too_many_in_a_row_stop_the_run(
 
 
 def test_the_skipped_step_leaves_params_ema_and_optimizer_state_unchanged(config):
-  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-  model, tx = create_model(config), train_state.create_optimizer(config)
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh,
-                                                    mesh_lib.logical_rules(config))
-  step = train.make_train_step(config, model, tx, train.schedules.schedule_from_config(config), shardings, mesh)
-  batch = next(train.pipeline.create_train_iterator(config))
+  run, state, shardings = one_device_run(config)
+  step = train_step_lib.make_train_step(run, shardings)
+  batch = next(pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer))
   good = {"image": jnp.asarray(batch["image"], jnp.float32), "tokens": jnp.asarray(batch["tokens"])}
   bad = dict(good, image=good["image"].at[0, 0, 0, 0].set(jnp.nan))
   before = jax.device_get(state)
@@ -253,10 +260,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(twenty_steps
 
 
 def test_a_good_checkpoint_is_not_removed_before_its_successor_is_committed(config, tmp_path):
-  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-  model, tx = create_model(config), train_state.create_optimizer(config)
-  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, mesh_lib.logical_rules(config))
-  iterator = train.pipeline.create_train_iterator(config)
+  _, state, _ = one_device_run(config)
+  iterator = pipeline.create_train_iterator(config)
   checkpointer = Checkpointer(str(tmp_path), max_to_keep=1)
   checkpointer.save(1, state, iterator, config.to_dict())
   checkpointer.wait()
@@ -274,21 +279,21 @@ def test_a_good_checkpoint_is_not_removed_before_its_successor_is_committed(conf
 
 def test_resuming_with_a_config_that_changes_the_run_is_a_clear_error(config, tmp_path):
   workdir = str(tmp_path)
-  train.write_config(config, workdir)
+  run_files.write_config(config, workdir)
   os.makedirs(os.path.join(workdir, "checkpoints", "10"))
   changed = config.copy_and_resolve_references()
   changed.model.unet.channels, changed.optimizer.learning_rate = 32, 0.5
   changed.num_train_steps, changed.mesh.shape, changed.log_every_steps = 99, (1, 1, 1), 7  # Safe to change.
   with pytest.raises(UserError) as error:
-    train.check_resumable(changed, workdir)
+    run_files.check_resumable(changed, workdir)
   assert "model.unet.channels: 16 -> 32" in str(error.value)
   assert "optimizer.learning_rate: 0.001 -> 0.5" in str(error.value)
   assert "num_train_steps" not in str(error.value) and "mesh.shape" not in str(error.value)
   changed.model.unet.channels, changed.optimizer.learning_rate = 16, 0.001
-  train.check_resumable(changed, workdir)  # Only resume-safe keys differ now.
+  run_files.check_resumable(changed, workdir)  # Only resume-safe keys differ now.
   shutil.rmtree(os.path.join(workdir, "checkpoints"))
   changed.model.unet.channels = 32
-  train.check_resumable(changed, workdir)  # Nothing to resume: any config may start here.
+  run_files.check_resumable(changed, workdir)  # Nothing to resume: any config may start here.
 
 
 def test_fingerprint_sees_every_bit_and_the_order_of_leaves():
@@ -304,7 +309,7 @@ def test_fingerprint_sees_every_bit_and_the_order_of_leaves():
 
 
 def test_keep_best_keeps_the_lowest_eval_loss_besides_the_latest(config, tmp_path):
-  iterator = train.pipeline.create_train_iterator(config)
+  iterator = pipeline.create_train_iterator(config)
   checkpointer = Checkpointer(str(tmp_path), max_to_keep=1, keep_best=2)
   for step, loss in enumerate([0.5, 0.3, 0.6, 0.4, 0.7], start=1):
     checkpointer.save(step, {"w": jnp.full((3,), float(step))}, iterator, config.to_dict(), {"eval_loss": loss})

@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import build
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import layers
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import TextToImageModel, create_model
+from diffusion_jax.models.diffusion_model import DiffusionModel
+from diffusion_jax.text.tokenizer import ByteTokenizer
 from tests.conftest import tiny_config
 
 
@@ -21,11 +22,11 @@ def _randomize(params, seed=0):
 @pytest.fixture(scope="module")
 def model_and_params():
   config = tiny_config()
-  model = create_model(config)
+  model = build.create_model(config)
   tok = ByteTokenizer(config.text.max_length)
   tokens = jnp.asarray(tok.encode_batch(["a handwritten digit 3", "the number seven"]))
   x = jnp.zeros((2, 8, 8, 1))
-  variables = model.init(jax.random.PRNGKey(0), x, jnp.zeros((2,), jnp.int32), tokens)
+  variables = model.init(jax.random.PRNGKey(0), x, jnp.zeros((2,), jnp.int32), {"tokens": tokens})
   return model, tok, variables
 
 
@@ -41,10 +42,12 @@ def test_output_shapes(model_and_params):
   model, tok, variables = model_and_params
   params = nn.unbox(variables["params"])
   tokens = jnp.asarray(tok.encode_batch(["3"] * 4))
-  context, mask, pooled = model.apply({"params": params}, tokens, method=TextToImageModel.encode_text)
+  cond = model.apply({"params": params}, {"tokens": tokens}, method=DiffusionModel.encode_condition)
+  assert sorted(cond) == ["context", "context_mask", "pooled"]
+  context, mask, pooled = cond["context"], cond["context_mask"], cond["pooled"]
   assert context.shape == (4, 32, 32) and mask.shape == (4, 32) and pooled.shape == (4, 32)
   np.testing.assert_array_equal(mask[0, :4], [True, True, True, False])
-  out = model.apply({"params": params}, jnp.ones((4, 8, 8, 1)), jnp.arange(4), tokens)
+  out = model.apply({"params": params}, jnp.ones((4, 8, 8, 1)), jnp.arange(4), {"tokens": tokens})
   assert out.shape == (4, 8, 8, 1) and out.dtype == jnp.float32
 
 
@@ -53,11 +56,11 @@ def test_output_depends_on_caption_and_timestep(model_and_params):
   params = _randomize(nn.unbox(variables["params"]))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
   t = jnp.array([10, 10])
-  out_a = model.apply({"params": params}, x, t, jnp.asarray(tok.encode_batch(["3", "3"])))
-  out_b = model.apply({"params": params}, x, t, jnp.asarray(tok.encode_batch(["3", "7"])))
+  out_a = model.apply({"params": params}, x, t, {"tokens": jnp.asarray(tok.encode_batch(["3", "3"]))})
+  out_b = model.apply({"params": params}, x, t, {"tokens": jnp.asarray(tok.encode_batch(["3", "7"]))})
   np.testing.assert_allclose(out_a[0], out_b[0], atol=1e-5)  # Same caption, same output.
   assert float(jnp.abs(out_a[1] - out_b[1]).max()) > 1e-2  # Other caption, other output.
-  out_c = model.apply({"params": params}, x, jnp.array([10, 50]), jnp.asarray(tok.encode_batch(["3", "3"])))
+  out_c = model.apply({"params": params}, x, jnp.array([10, 50]), {"tokens": jnp.asarray(tok.encode_batch(["3", "3"]))})
   assert float(jnp.abs(out_c[1] - out_a[1]).max()) > 1e-2
 
 
@@ -85,4 +88,4 @@ def test_wrong_image_shape_is_a_clear_error(model_and_params):
   model, tok, variables = model_and_params
   with pytest.raises(UserError, match=r"x_t has shape \(2, 16, 16, 1\); expected \(\*, 8, 8, 1\)"):
     model.apply(variables, jnp.zeros((2, 16, 16, 1)), jnp.zeros((2,), jnp.int32),
-                jnp.asarray(tok.encode_batch(["3", "3"])))
+                {"tokens": jnp.asarray(tok.encode_batch(["3", "3"]))})

@@ -14,12 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import train, train_state
+from diffusion_jax import build, train_state
+from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
-from diffusion_jax.diffusion import schedules
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import create_model
-from diffusion_jax.parallel import mesh as mesh_lib
 from tests.test_models import _randomize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,14 +74,14 @@ def test_clear_errors_for_indivisible_shapes(sharded_report):
 
 
 def _one_step(config, state_params=None, steps=2):
-  mesh = mesh_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-  model, tx = create_model(config), train_state.create_optimizer(config)
-  schedule = schedules.schedule_from_config(config)
-  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, mesh_lib.logical_rules(config))
+  run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  state, _ = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules)
   state = state.replace(params=_randomize(state.params) if state_params is None else state_params)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config,
-                                   empty_tokens=jnp.asarray(ByteTokenizer(32).encode(""))))
-  it = pipeline.create_train_iterator(config)
+  null_inputs = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(1))
+  step = jax.jit(functools.partial(train_step_lib.train_step, model=run.model, tx=run.optimizer,
+                                   schedule=run.schedule, config=config, autoencoder=run.autoencoder,
+                                   null_inputs=null_inputs))
+  it = pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer)
   losses = []
   for _ in range(steps):
     batch = next(it)

@@ -1,41 +1,50 @@
 import numpy as np
 
-from diffusion_jax.data import pipeline
-from diffusion_jax.models.tokenizer import ByteTokenizer
+from diffusion_jax.data import pipeline, registry
+from diffusion_jax.text.tokenizer import ByteTokenizer
 
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
+def _train_iterator(config):
+  return pipeline.create_train_iterator(config, tokenizer=ByteTokenizer(config.text.max_length))
+
+
 def test_batches_are_deterministic_for_a_seed(config):
-  a = _take(pipeline.create_train_iterator(config), 3)
-  b = _take(pipeline.create_train_iterator(config), 3)
+  a = _take(_train_iterator(config), 3)
+  b = _take(_train_iterator(config), 3)
   for x, y in zip(a, b):
     for key in ("image", "tokens", "label"):
       np.testing.assert_array_equal(x[key], y[key])
   config.seed = 1
-  c = _take(pipeline.create_train_iterator(config), 1)
+  c = _take(_train_iterator(config), 1)
   assert not np.array_equal(a[0]["label"], c[0]["label"])
 
 
 def test_batch_contents(config):
-  batch = next(pipeline.create_train_iterator(config))
+  batch = next(_train_iterator(config))
   assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].dtype == np.uint8
   assert batch["tokens"].shape == (16, 32) and batch["tokens"].dtype == np.int32
-  tok = ByteTokenizer(32)
+  assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+  tok, spec = ByteTokenizer(32), registry.get("digits")
   for tokens, label in zip(batch["tokens"], batch["label"]):
-    caption = tok.decode(tokens)
-    assert str(label) in caption or caption.split()[-1] in (
-        "zero one two three four five six seven eight nine".split()[label])
+    assert tok.decode(tokens) in {spec.caption_for(int(label), t) for t in range(spec.num_caption_templates)}
+
+
+def test_without_a_tokenizer_batches_have_no_tokens(config):
+  batch = next(pipeline.create_train_iterator(config))
+  assert set(batch) == {"image", "label"}
+  np.testing.assert_array_equal(batch["image"], next(_train_iterator(config))["image"])
 
 
 def test_iterator_state_restores_the_position(config):
-  it = pipeline.create_train_iterator(config)
+  it = _train_iterator(config)
   _take(it, 2)
   state = it.get_state()
   expected = _take(it, 2)
-  fresh = pipeline.create_train_iterator(config)
+  fresh = _train_iterator(config)
   fresh.set_state(state)
   for x, y in zip(expected, _take(fresh, 2)):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
@@ -56,9 +65,11 @@ def test_each_epoch_is_a_new_permutation_of_all_examples(config):
 def test_processes_read_disjoint_slices_of_the_same_global_batches(config):
   """With P processes, concatenating the local batches gives exactly the 1-process global batch."""
   config.batch_size = 12
-  single = iter(pipeline.make_dataset(config, "train", shuffle=True, repeat=True, process_index=0, process_count=1))
-  shards = [iter(pipeline.make_dataset(config, "train", shuffle=True, repeat=True, process_index=p,
-                                       process_count=3)) for p in range(3)]
+  tokenizer = ByteTokenizer(config.text.max_length)
+  single = iter(pipeline.make_dataset(config, "train", tokenizer=tokenizer, shuffle=True, repeat=True,
+                                      process_index=0, process_count=1))
+  shards = [iter(pipeline.make_dataset(config, "train", tokenizer=tokenizer, shuffle=True, repeat=True,
+                                       process_index=p, process_count=3)) for p in range(3)]
   for _ in range(3):
     global_batch = next(single)
     local = [next(it) for it in shards]

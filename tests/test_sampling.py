@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import sampling
+from diffusion_jax import generation
 from diffusion_jax.diffusion import samplers, schedules
 from diffusion_jax.errors import UserError
+from diffusion_jax.models.autoencoder import PixelSpace
+from diffusion_jax.models.conditioning import TextConditioning
 from tests.conftest import tiny_config
 from tests.test_models import _randomize, model_and_params  # pylint: disable=unused-import  (fixture)
 
@@ -18,26 +20,27 @@ def setup(model_and_params):  # pylint: disable=redefined-outer-name
   model, tok, variables = model_and_params
   params = nn.unbox(variables["params"])
   schedule = schedules.make_schedule("cosine", tiny_config().diffusion.num_timesteps)
-  fn = sampling.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=4))
+  fn = generation.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=4), PixelSpace())
   return fn, _randomize(params), tok
 
 
 def test_compiled_once_for_new_prompts_scales_and_seeds(setup):
   fn, params, tok = setup
-  a = sampling.generate(fn, params, tok, ["a handwritten digit 1", "7"], 3.0, seed=0)
-  b = sampling.generate(fn, params, tok, ["the number two", "9"], [1.0, 5.0], seed=1)
+  conditioning = TextConditioning(tok)
+  a = generation.generate(fn, params, conditioning, ["a handwritten digit 1", "7"], 3.0, seed=0)
+  b = generation.generate(fn, params, conditioning, ["the number two", "9"], [1.0, 5.0], seed=1)
   assert fn._cache_size() == 1  # pylint: disable=protected-access
   assert a.shape == b.shape == (2, 8, 8, 1)
-  assert np.abs(a).max() <= 1.0  # DDIM clips x̂_0 to the data range.
+  assert np.abs(a).max() <= 1.0  # DDIM clips x̂_0 to the data range (and PixelSpace.decode clips too).
 
 
 def test_guidance_one_ignores_the_unconditional_prompt(setup):
   fn, params, tok = setup
-  tokens = jnp.asarray(tok.encode_batch(["3", "4"]))
+  tokens = {"tokens": jnp.asarray(tok.encode_batch(["3", "4"]))}
   key = jax.random.PRNGKey(0)
   ones = jnp.ones((2,))
-  empty = jnp.asarray(tok.encode_batch(["", ""]))
-  negative = jnp.asarray(tok.encode_batch(["something else", "8"]))
+  empty = {"tokens": jnp.asarray(tok.encode_batch(["", ""]))}
+  negative = {"tokens": jnp.asarray(tok.encode_batch(["something else", "8"]))}
   np.testing.assert_array_equal(np.asarray(fn(params, tokens, empty, ones, key)),
                                 np.asarray(fn(params, tokens, negative, ones, key)))
   # At s = 3 the unconditional prompt matters (the model is random, so outputs differ).
@@ -49,6 +52,6 @@ def test_bad_sampler_settings_are_clear_errors(setup):
   _, _, _ = setup
   schedule = schedules.make_schedule("cosine", 100)
   with pytest.raises(UserError, match="unknown sampler 'euler'"):
-    sampling.make_sample_fn(None, schedule, samplers.SamplerOptions(sampler="euler"))
+    generation.make_sample_fn(None, schedule, samplers.SamplerOptions(sampler="euler"), None)
   with pytest.raises(UserError, match=r"steps=500 must be in \[1, 100\]"):
-    sampling.make_sample_fn(None, schedule, samplers.SamplerOptions(num_steps=500))
+    generation.make_sample_fn(None, schedule, samplers.SamplerOptions(num_steps=500), None)

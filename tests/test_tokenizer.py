@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.errors import UserError
-from diffusion_jax.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, padding_mask
+from diffusion_jax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, padding_mask
 
 
 def test_encode_layout_and_round_trip():

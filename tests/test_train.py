@@ -9,39 +9,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import train, train_state
+from diffusion_jax import build, train, train_state
+from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
-from diffusion_jax.diffusion import losses, schedules
+from diffusion_jax.diffusion import losses
 from diffusion_jax.images import to_model_range
-from diffusion_jax.models.tokenizer import ByteTokenizer
-from diffusion_jax.models.unet import create_model
-from diffusion_jax.parallel import mesh as mesh_lib
 from tests.test_models import _randomize
 
 
 def _setup(config):
-  mesh = mesh_lib.create_mesh(config.mesh.shape)
-  rules = mesh_lib.logical_rules(config)
-  model = create_model(config)
-  tx = train_state.create_optimizer(config)
-  schedule = schedules.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
-  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, mesh, rules)
-  return mesh, rules, model, tx, schedule, state, shardings
+  run = build.build(config)
+  state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh,
+                                                    run.rules)
+  return run, state, shardings
+
+
+def _step_fn(run, config):
+  """The train step, jitted without donation (the tests step the same state more than once)."""
+  null_inputs = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(1))
+  return jax.jit(functools.partial(train_step_lib.train_step, model=run.model, tx=run.optimizer,
+                                   schedule=run.schedule, config=config, autoencoder=run.autoencoder,
+                                   null_inputs=null_inputs))
 
 
 def test_loss_decreases_on_a_fixed_batch(config):
   config.optimizer.learning_rate = 3e-3
   config.diffusion.p_uncond = 0.0
-  _, _, model, tx, schedule, state, _ = _setup(config)
-  batch = next(pipeline.create_train_iterator(config))
+  run, state, _ = _setup(config)
+  model, schedule = run.model, run.schedule
+  batch = next(pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer))
   batch = {k: jnp.asarray(batch[k]) for k in ("image", "tokens")}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config,
-                                   empty_tokens=jnp.asarray(ByteTokenizer(32).encode(""))))
+  step = _step_fn(run, config)
 
   @jax.jit
   def fixed_loss(params):  # The same 16 (t, ε) draws per example every time: a deterministic objective.
-    predict = lambda x_t, t: model.apply({"params": params}, x_t, t, batch["tokens"])
+    predict = lambda x_t, t: model.apply({"params": params}, x_t, t, {"tokens": batch["tokens"]})
     x0 = to_model_range(batch["image"])
     keys = jax.random.split(jax.random.PRNGKey(123), 16)
     return jnp.mean(jax.vmap(lambda k: losses.diffusion_loss(predict, x0, schedule, "eps", k))(keys))
@@ -55,19 +58,19 @@ def test_loss_decreases_on_a_fixed_batch(config):
 
 
 def test_checkpoint_restores_identical_state_and_data_position(config, tmp_path):
-  _, _, model, tx, _, state, shardings = _setup(config)
+  run, state, shardings = _setup(config)
   # Make the state non-trivial: random params, a non-zero step.
   leaves, tree = jax.tree.flatten(state.params)
   state = state.replace(step=jnp.int32(7), params=jax.tree.unflatten(
       tree, [l + 0.01 * jax.random.normal(jax.random.PRNGKey(i), l.shape) for i, l in enumerate(leaves)]))
-  it = pipeline.create_train_iterator(config)
+  it = pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer)
   next(it), next(it)
   ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
   ckpt.save(7, state, it, config.to_dict())
   ckpt.wait()
   expected_next = next(it)
 
-  fresh_it = pipeline.create_train_iterator(config)
+  fresh_it = pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
   restored = Checkpointer(str(tmp_path)).restore(7, abstract, fresh_it)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -100,17 +103,16 @@ def test_train_writes_outputs_and_resumes_exactly(config, tmp_path):
 
 def test_caption_dropout_replaces_captions_by_the_empty_prompt(config):
   """p_uncond = 1: the step cannot see the captions; p_uncond = 0: it does."""
-  _, _, model, tx, schedule, state, _ = _setup(config)
+  run, state, _ = _setup(config)
   state = state.replace(params=_randomize(state.params))  # Zero-initialized outputs would hide the text.
-  batch = next(pipeline.create_train_iterator(config))
+  batch = next(pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer))
   images = jnp.asarray(batch["image"])
   tokens_a = jnp.asarray(batch["tokens"])
   tokens_b = jnp.roll(tokens_a, 1, axis=0)
   results = {}
   for p_uncond in (0.0, 1.0):
     config.diffusion.p_uncond = p_uncond
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config,
-                                     empty_tokens=jnp.asarray(ByteTokenizer(32).encode(""))))
+    step = _step_fn(run, config)
     results[p_uncond] = [float(step(state, {"image": images, "tokens": t})[1]["loss"]) for t in (tokens_a, tokens_b)]
   assert results[1.0][0] == results[1.0][1]
   assert results[0.0][0] != results[0.0][1]

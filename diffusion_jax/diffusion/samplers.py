@@ -99,12 +99,14 @@ def timesteps(spacing: str, num_timesteps: int, num_steps: int) -> np.ndarray:
 
 def guided_output(denoise_fn: DenoiseFn, x: jax.Array, t: jax.Array, cond: Any, uncond: Any,
                   guidance_scale: jax.Array, guidance_rescale: float = 0.0) -> jax.Array:
-  """u + s·(c − u) from one forward pass on the doubled batch. guidance_scale: [B].
+  """u + s·(c − u) from one forward pass on the doubled batch. guidance_scale: [B]. uncond=None: c alone.
 
   Written as c + (s − 1)·(c − u): the same number, but exactly c at s = 1 in floating point.
   With φ = guidance_rescale > 0 the result's per-sample standard deviation is pulled towards that of
   c (Lin et al. 2023, eq. 15–16): out = g + φ·(g·std(c)/std(g) − g).
   """
+  if uncond is None:  # An unconditional model: nothing to guide, one forward pass.
+    return denoise_fn(x, t, cond)
   both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
   out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
   out_c, out_u = jnp.split(out, 2)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
-from diffusion_jax.models.tokenizer import padding_mask
+from diffusion_jax.text.tokenizer import padding_mask
 
 
 class EncoderLayer(nn.Module):

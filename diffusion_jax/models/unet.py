@@ -1,7 +1,8 @@
-"""Text-conditioned U-Net (DDPM / Stable Diffusion layout) and the model that pairs it with a text encoder.
+"""The U-Net (DDPM / Stable Diffusion layout), conditioned by cross-attention and/or a pooled embedding.
 
 Per resolution level: `num_res_blocks` ResBlocks, each followed by `transformer_depth[level]`
-transformer blocks (self-attention, cross-attention to the text tokens, GEGLU feed-forward), then a
+transformer blocks (self-attention, cross-attention to the text tokens if the model has text, GEGLU
+feed-forward), then a
 stride-2 downsample. The middle is ResBlock → transformer → ResBlock; the way up mirrors the way
 down with skip connections (one more ResBlock per level) and nearest-neighbour upsampling.
 """
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
-from diffusion_jax.models.text_encoder import TextEncoder
 
 
 REMAT_POLICIES = {
@@ -48,18 +48,19 @@ class ResBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """LN → self-attn, LN → cross-attn to `context`, LN → GEGLU feed-forward; each residual."""
+  """LN → self-attn, LN → cross-attn to `context` (if any), LN → GEGLU feed-forward; each residual."""
 
   num_heads: int
   head_dim: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
     width = x.shape[-1]
     attn = lambda name: layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, name=name)
     x = x + attn("self_attn")(layers.layer_norm(dtype=self.dtype, name="ln_self")(x))
-    x = x + attn("cross_attn")(layers.layer_norm(dtype=self.dtype, name="ln_cross")(x), context, context_mask)
+    if context is not None:  # Class-conditional and unconditional models have no cross-attention.
+      x = x + attn("cross_attn")(layers.layer_norm(dtype=self.dtype, name="ln_cross")(x), context, context_mask)
     h = layers.layer_norm(dtype=self.dtype, name="ln_ff")(x)
     value, gate = jnp.split(layers.dense(8 * width, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h), 2, -1)
     return x + layers.dense(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(value * nn.gelu(gate))
@@ -75,7 +76,7 @@ class SpatialTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
     b, hgt, wid, ch = x.shape
     h = layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm")(x)
     if self.use_linear_projection:
@@ -94,8 +95,9 @@ class SpatialTransformer(nn.Module):
 class UNet(nn.Module):
   """ε/v/x0-prediction network.
 
-  __call__(x_t [B, H, W, C] in model units, t [B] timesteps, context [B, L, D], context_mask [B, L],
-  pooled [B, D]) → [B, H, W, out_channels] float32.
+  __call__(x_t [B, H, W, C] in model units, t [B] timesteps, context [B, L, D] and context_mask [B, L]
+  (cross-attention; None: none), pooled [B, D] (added to the timestep embedding; None: nothing))
+  → [B, H, W, out_channels] float32.
   """
 
   out_channels: int
@@ -112,14 +114,17 @@ class UNet(nn.Module):
   remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array,
-               pooled: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None, pooled: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     temb_dim = 4 * self.channels
     temb = layers.sinusoidal_embedding(t, self.channels)
     temb = layers.dense(temb_dim, (None, "mlp"), dtype=self.dtype, name="time_mlp_1")(temb)
     temb = layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="time_mlp_2")(nn.silu(temb))
-    temb = temb + layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="pooled_text_proj")(pooled)
-    context = context.astype(self.dtype)
+    if pooled is not None:  # The pooled condition (text or class embedding); the name predates classes.
+      temb = temb + layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="pooled_text_proj")(pooled)
+    if context is not None:
+      context = context.astype(self.dtype)
 
     res_block, transformer = ResBlock, SpatialTransformer
     if self.remat_policy != "none":  # Recompute block activations in the backward pass.
@@ -162,39 +167,3 @@ class UNet(nn.Module):
     h = nn.silu(layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
     out = layers.conv(self.out_channels, zero_init=True, dtype=self.dtype, name="conv_out")(h)
     return out.astype(jnp.float32)
-
-
-class TextToImageModel(nn.Module):
-  """The text encoder and U-Net trained jointly. Params: {'text_encoder': …, 'unet': …}."""
-
-  text_encoder: TextEncoder
-  unet: UNet
-  image_shape: tuple[int, int, int]  # (H, W, C)
-
-  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """tokens [B, L] → (context [B, L, D], mask [B, L], pooled [B, D])."""
-    return self.text_encoder(tokens)
-
-  def denoise(self, x_t: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array,
-              pooled: jax.Array, train: bool = False) -> jax.Array:
-    """x_t [B, H, W, C], t [B] → prediction [B, H, W, C] (ε, v or x0, per the config)."""
-    layers.check_shape("x_t", x_t, (None,) + tuple(self.image_shape))
-    return self.unet(x_t, t, context, context_mask, pooled, train)
-
-  def __call__(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, train: bool = False) -> jax.Array:
-    return self.denoise(x_t, t, *self.encode_text(tokens), train=train)
-
-
-def create_model(config) -> TextToImageModel:
-  """Builds the model from `config.model`, `config.text` and `config.dataset`."""
-  from diffusion_jax.models.tokenizer import VOCAB_SIZE  # pylint: disable=g-import-not-at-top
-
-  dtype = jnp.dtype(config.model.dtype)
-  te, un = config.model.text_encoder, config.model.unet
-  text_encoder = TextEncoder(VOCAB_SIZE, config.text.max_length, te.width, te.depth, te.num_heads,
-                             te.mlp_ratio, dtype, name="text_encoder")
-  unet = UNet(config.dataset.channels, un.channels, tuple(un.channel_mult), un.num_res_blocks,
-              tuple(un.transformer_depth), un.mid_transformer_depth, un.head_dim, un.norm_groups,
-              un.dropout, un.use_linear_projection, dtype, config.model.remat_policy, name="unet")
-  size = config.dataset.image_size
-  return TextToImageModel(text_encoder, unet, (size, size, config.dataset.channels))

@@ -3,8 +3,8 @@
 The 1,797 8×8 grey-level images of `sklearn.datasets.load_digits` (UCI "Optical
 Recognition of Handwritten Digits", pixel values 0..16) become a text-to-image
 dataset: each example has the image (uint8, rescaled 0..16 → 0..255), its label
-and one caption drawn from `CAPTION_TEMPLATES`. Nothing is downloaded: the raw
-data is read from the installed scikit-learn package.
+and one caption drawn from the caption templates of its spec (`data/digits.py`).
+Nothing is downloaded: the raw data is read from the installed scikit-learn package.
 """
 
 from __future__ import annotations
@@ -12,28 +12,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-# `{d}` is the numeral, `{word}` the English word. The first template is the canonical prompt.
-CAPTION_TEMPLATES = (
-    "a handwritten digit {d}",
-    "the number {word}",
-    "{d}",
-    "a drawing of the digit {word}",
-    "handwritten {word}",
-    "digit {d}",
-)
+from diffusion_jax.data.digits import SPEC  # The image shape and the captions (TFDS-free).
 
 NUM_TEST_EXAMPLES = 297  # 1,797 = 1,500 train + 297 test.
 SPLIT_SEED = 0
 CAPTION_SEED = 1
-IMAGE_SIZE = 8
 _SKLEARN_MAX_VALUE = 16
-
-
-def caption_for(label: int, template_index: int = 0) -> str:
-  """The caption of `label` (0..9) under template `template_index`."""
-  return CAPTION_TEMPLATES[template_index].format(d=label, word=DIGIT_WORDS[label])
 
 
 def load_raw_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +45,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
+            "image": tfds.features.Image(shape=SPEC.image_shape),
+            "label": tfds.features.ClassLabel(num_classes=SPEC.num_classes),
             "caption": tfds.features.Text(),
         }),
         supervised_keys=("image", "label"),
@@ -77,6 +61,6 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     images, labels = load_raw_digits()
     for i in indices:
       rng = np.random.default_rng([CAPTION_SEED, int(i)])
-      template = int(rng.integers(len(CAPTION_TEMPLATES)))
+      template = int(rng.integers(SPEC.num_caption_templates))
       label = int(labels[i])
-      yield int(i), {"image": images[i], "label": label, "caption": caption_for(label, template)}
+      yield int(i), {"image": images[i], "label": label, "caption": SPEC.caption_for(label, template)}
