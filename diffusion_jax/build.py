@@ -45,6 +45,11 @@ class Run:
   conditioning: Any  # conditioning.TextConditioning | ClassConditioning | NoConditioning
   autoencoder: autoencoder_lib.PixelSpace
 
+  def create_state(self, rng: Any) -> tuple[Any, Any]:
+    """(a fresh TrainState initialized directly in its sharded layout on this run's mesh, its shardings)."""
+    return train_state.create_train_state(rng, self.model, self.optimizer, self.mesh, self.rules,
+                                          self.config.mesh.replicate_indivisible)
+
   def abstract_state(self, replicate_indivisible: bool | None = None) -> Any:
     """The train state's ShapeDtypeStructs with shardings on this run's mesh (for restoring)."""
     replicate = self.config.mesh.replicate_indivisible if replicate_indivisible is None else replicate_indivisible

@@ -14,8 +14,12 @@ moved to `workdir/checkpoints_damaged/` and the previous one is used instead, wi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -109,6 +113,54 @@ def integrity_record(state: Any) -> dict[str, Any]:
                          f"it is not saved, and the last checkpoint is left as it was")
   subtrees = {name: _combine(sums[[n == name for n in names]]) for name in FINGERPRINTED_SUBTREES}
   return {"state_fingerprint": _combine(sums), "subtree_fingerprints": subtrees}
+
+
+# What orbax/tensorstore print to stderr after a restore that failed on damaged bytes: the reads still in
+# flight complete into the event loop orbax already closed ("Event loop is closed", "Exception ignored in
+# <coroutine …>"), hundreds of traceback lines that bury the one message that matters.
+_TEARDOWN_SETTLE_S = 0.5
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore_teardown():
+  """Routes file descriptor 2 to a temporary file while restores are attempted; afterwards writes back
+  only the log lines (absl's `[IWEF]mmdd …` format) and one line counting what was left out."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode("utf-8", errors="replace").splitlines()
+      kept = [l for l in lines if re.match(r"^[IWEF]\d{4} ", l)]
+      for line in kept:
+        print(line, file=sys.stderr)
+      if len(lines) > len(kept):
+        logging.warning("Left out %d lines that orbax/tensorstore printed while tearing down the failed "
+                        "restore (asyncio 'Event loop is closed' tracebacks).", len(lines) - len(kept))
+
+
+def _ignore_abandoned_reads() -> None:
+  """The read coroutines that a failed restore abandoned raise once more when they are garbage collected
+  (at exit: "Exception ignored in: <coroutine … _read_array_index_and_device_put>", with a TensorStore
+  spec of 60 lines each). The failure was already reported; this keeps only those quiet."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ignores_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and os.sep + "orbax" + os.sep in code.co_filename:
+      return
+    previous(unraisable)
+
+  hook._ignores_abandoned_reads = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -247,14 +299,12 @@ class Checkpointer:
     self.refuse_if_only_damaged_remain()
     damaged = []
     for step in reversed(self.all_steps()):
-      try:
-        result, error = restore_fn(step), None
-      except Exception as exc:  # pylint: disable=broad-except  (any failure means: do not use it)
-        result, error = None, exc
+      result, error = self.attempt_restore(restore_fn, step)
       failed_anywhere = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
       if not failed_anywhere:
         return step, result
-      reason = f"{type(error).__name__}: {str(error)[:300]}" if error else "failed on another process"
+      reason = (f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error
+                else "failed on another process")
       if move_damaged:
         logging.warning("Checkpoint step %d in %s cannot be restored (%s); moving it to %s and falling back "
                         "to the previous checkpoint.", step, self.directory, reason, self._damaged_dir())
@@ -268,6 +318,18 @@ class Checkpointer:
       raise UserError(f"no checkpoint in {self.directory} could be restored (steps {damaged} are damaged and "
                       f"{where}); delete the workdir to start over")
     return None, None
+
+  @staticmethod
+  def attempt_restore(restore_fn: Callable[[int], Any], step: int) -> tuple[Any, Exception | None]:
+    """(restore_fn(step), None), or (None, the exception) if it failed; a failure on damaged bytes does
+    not flood stderr with the asynchronous teardown noise of the reads that were still in flight."""
+    with _quiet_failed_restore_teardown():
+      try:
+        return restore_fn(step), None
+      except Exception as exc:  # pylint: disable=broad-except  (any failure means: do not use it)
+        time.sleep(_TEARDOWN_SETTLE_S)  # The in-flight reads finish (and complain) now, not later.
+        _ignore_abandoned_reads()
+        return None, exc
 
   def refuse_if_only_damaged_remain(self) -> None:
     """A workdir whose every checkpoint was moved aside as damaged does not silently start over."""

@@ -103,6 +103,11 @@ class _QuietLibraries(logging.logging.Filter):
   """
 
   def filter(self, record) -> bool:
+    message = str(record.getMessage())
+    if record.name == "asyncio" and "never retrieved" in message and ("orbax" in message or "TensorStore" in message):
+      # The reads a failed restore of a damaged checkpoint abandoned, collected at exit; that failure
+      # was already reported in one line (see checkpoint.Checkpointer.attempt_restore).
+      return False
     path = os.path.abspath(record.pathname)
     # absl.logging.WARNING is absl's verbosity (-1), not the record level: compare with the stdlib's.
     return (record.levelno >= logging.logging.WARNING or path.startswith(_PACKAGE_DIR)

@@ -90,11 +90,11 @@ def _load_checkpoint(path: str, step: int | None, abstract_state: Any) -> tuple[
     restore = lambda s: checkpointer.restore_subtree(s, "ema_params", abstract_state)
     if step is not None:
       checkpointer.check_step(step)
-      try:
-        return restore(step), step
-      except Exception as exc:  # pylint: disable=broad-except  (unreadable or wrong bytes: damaged)
-        raise UserError(f"checkpoint step {step} in {checkpointer.directory} is damaged ({type(exc).__name__}: "
-                        f"{str(exc)[:200]}); choose another --step from {steps}") from exc
+      params, error = checkpointer.attempt_restore(restore, step)
+      if error is not None:  # Unreadable or wrong bytes: damaged.
+        raise UserError(f"checkpoint step {step} in {checkpointer.directory} is damaged ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())[:200]}); choose another --step from {steps}") from error
+      return params, step
     if not steps:
       checkpointer.refuse_if_only_damaged_remain()
       raise UserError(f"no checkpoint in {checkpointer.directory!r}; train first")

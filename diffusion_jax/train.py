@@ -54,8 +54,7 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
   restored_step, state = checkpointer.restore_latest_good(
       lambda step: checkpointer.restore(step, abstract, train_iter))
   if state is None:
-    state, _ = train_state.create_train_state(jax.random.PRNGKey(config.seed), run.model, run.optimizer,
-                                              run.mesh, run.rules, config.mesh.replicate_indivisible)
+    state, _ = run.create_state(jax.random.PRNGKey(config.seed))
   else:
     logging.info("Resuming at step %d.", restored_step)
   logging.info("Model: %s parameters (%s).", f"{train_state.param_count(state.params):,}",

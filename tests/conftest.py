@@ -35,3 +35,16 @@ def tiny_config(data_dir: str = ""):
 @pytest.fixture
 def config(data_dir):
   return tiny_config(data_dir)
+
+
+@pytest.fixture(scope="session")
+def twenty_steps(data_dir, tmp_path_factory):
+  """(config, workdir, final state) of a 20-step tiny run with checkpoints at 10 and 20, trained once per
+  session. Tests that damage or change it work on a copy of the workdir."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir)
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 20, 10, 10
+  config.eval_num_examples = 16
+  workdir = str(tmp_path_factory.mktemp("twenty_steps"))
+  return config, workdir, jax.device_get(train.train_and_evaluate(config, workdir))

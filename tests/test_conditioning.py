@@ -148,7 +148,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import jax, jax.numpy as jnp, numpy as np
 from configs import smoke
-from diffusion_jax import build, sampling, train_state, train_step
+from diffusion_jax import build, generation, train_state, train_step
 for kind in ("text", "class", "none"):
   config = smoke.get_config()
   config.model.conditioning = kind

@@ -351,3 +351,14 @@ def test_sampler_is_traced_once_for_repeated_calls():
   assert n >= 1
   fn(*args(1))  # New values (also a new guidance scale), same shapes: no new trace.
   assert len(traces) == n
+
+
+@pytest.mark.parametrize("clipping, expected", [("static", 1.0), ("none", 5.0)])
+def test_ddim_ends_on_the_clipped_x0_prediction(clipping, expected):
+  """The last DDIM step goes to ᾱ_prev = 1, so the sample is exactly the (clipped) x̂0 prediction."""
+  schedule = schedules.make_schedule("linear", 100)
+  denoise = lambda x, t, cond: jnp.full_like(x, 5.0)  # An x0-predictor far outside [-1, 1].
+  options = samplers.SamplerOptions(num_steps=5, prediction_type="x0", x0_clipping=clipping)
+  out = samplers.sample(denoise, schedule, jnp.ones((2, 4, 4, 1)), {}, None, jnp.ones((2,)),
+                        jax.random.PRNGKey(0), options)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)

@@ -35,15 +35,11 @@ from tests.test_fault_tolerance import _finish, _logged_step, _output, _start, _
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
-  """A 20-step run with checkpoints at 10 and 20."""
-  config = tiny_config(data_dir)
-  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 20, 10, 10
-  config.eval_num_examples = 16
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+@pytest.fixture
+def trained(twenty_steps):
+  """(config, workdir) of the session's 20-step run (checkpoints at 10 and 20); tests work on copies."""
+  config, workdir, _ = twenty_steps
+  return config.copy_and_resolve_references(), workdir
 
 
 def _copy(workdir, tmp_path, name="run"):

@@ -25,7 +25,6 @@ from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.errors import NonFiniteError, UserError
-from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120
@@ -222,16 +221,6 @@ def test_the_skipped_step_leaves_params_ema_and_optimizer_state_unchanged(config
 def _largest_file(directory):
   files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
   return max(files, key=os.path.getsize)
-
-
-@pytest.fixture(scope="module")
-def twenty_steps(data_dir, tmp_path_factory):
-  """A 20-step run with checkpoints at 10 and 20, and its final state."""
-  config = tiny_config(data_dir)
-  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 20, 10, 10
-  config.eval_num_examples = 16
-  workdir = str(tmp_path_factory.mktemp("twenty_steps"))
-  return config, workdir, jax.device_get(train.train_and_evaluate(config, workdir))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
