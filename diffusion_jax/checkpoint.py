@@ -209,15 +209,12 @@ class Checkpointer:
     self.check_for_errors()
     integrity = integrity_record(state)
     self._saving_step = step
-    try:
+    with self._disk_full_as_user_error():
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state),
           data=grain.checkpoint.CheckpointSave(data_iterator),
           config=ocp.args.JsonSave(config_dict),
           integrity=ocp.args.JsonSave(integrity)), metrics=metrics, force=True)
-    except Exception as exc:  # pylint: disable=broad-except  (re-raised; only ENOSPC is reworded)
-      self._raise_if_disk_full(exc)
-      raise
 
   def check_for_errors(self) -> None:
     """Raises UserError now if an asynchronous save failed for lack of space (else the error as is).
@@ -225,21 +222,21 @@ class Checkpointer:
     Orbax reports a failed background save only at the next save or wait; the training loop calls this
     after every step, so a full disk stops the run at once instead of after more unsaved training.
     """
-    try:
+    with self._disk_full_as_user_error():
       self.manager.check_for_errors()
-    except Exception as exc:  # pylint: disable=broad-except  (re-raised; only ENOSPC is reworded)
-      self._raise_if_disk_full(exc)
-      raise
 
   def wait(self) -> None:
-    try:
+    with self._disk_full_as_user_error():
       self.manager.wait_until_finished()
-    except Exception as exc:  # pylint: disable=broad-except  (re-raised; only ENOSPC is reworded)
-      self._raise_if_disk_full(exc)
-      raise
 
-  def _raise_if_disk_full(self, exc: BaseException) -> None:
-    if paths.is_disk_full(exc):
+  @contextlib.contextmanager
+  def _disk_full_as_user_error(self):
+    """ENOSPC from a save (now or in the background) becomes one line; any other error passes as is."""
+    try:
+      yield
+    except Exception as exc:  # pylint: disable=broad-except  (re-raised unless it is ENOSPC)
+      if not paths.is_disk_full(exc):
+        raise
       good = [s for s in self.all_steps() if s != self._saving_step]
       kept = f"the last complete checkpoint (step {max(good)}) is kept" if good else "no checkpoint was complete yet"
       raise UserError(f"No space left on device while saving a checkpoint to {self.directory}; the save was "
@@ -284,7 +281,7 @@ class Checkpointer:
     subtree = restored["state"][name]
     actual = fingerprint(subtree)
     if actual != expected:
-      raise ValueError(f"the restored {name}' fingerprint {actual} differs from the saved {expected}")
+      raise ValueError(f"the restored {name} fingerprint {actual} differs from the saved {expected}")
     return subtree
 
   def restore_latest_good(self, restore_fn: Callable[[int], Any], *, move_damaged: bool = True
