@@ -125,6 +125,18 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.sampling.prompts = ""  # Text models: ";"-separated prompts; "" = the dataset's canonical prompts.
   c.sampling.labels = ""  # Class models: ","-separated labels; "" = the dataset's canonical labels.
 
+  # Sample quality during training (FD/FID, KID, precision/recall, IS, accuracy; see metrics/sample_eval.py):
+  # every `every_steps` steps, `num_samples` samples per guidance scale with the sampler above, compared
+  # with the real training split in the dataset's feature network. The full evaluation is `evaluate`.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0 = off.
+  c.eval.num_samples = 500
+  c.eval.batch_size = 250  # Global sampling batch.
+  c.eval.guidance_scales = ()  # () = (sampling.guidance_scale,).
+  c.eval.feature_network = ""  # "" = the dataset's ("digits" for digits, else "inception").
+  c.eval.inception_weights = ""  # The FID Inception weights file (see README: nothing is downloaded).
+  c.eval.cache_dir = ""  # "" = $DIFFUSION_JAX_CACHE_DIR, else ~/.cache/diffusion_jax.
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 = "all remaining devices".
   c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
@@ -142,6 +154,7 @@ def allowed_values() -> dict[str, tuple[str, ...]]:
   from diffusion_jax import train_state
   from diffusion_jax.data import registry
   from diffusion_jax.diffusion import losses, samplers, schedules
+  from diffusion_jax.metrics import features
   from diffusion_jax.models import autoencoder, conditioning, unet
   return {
       "dataset.name": tuple(registry.names()),
@@ -157,6 +170,7 @@ def allowed_values() -> dict[str, tuple[str, ...]]:
       "sampling.spacing": samplers.SPACINGS,
       "sampling.ddpm_variance": samplers.DDPM_VARIANCES,
       "sampling.x0_clipping": samplers.X0_CLIPPINGS,
+      "eval.feature_network": ("",) + features.NETWORKS,
   }
 
 
@@ -208,6 +222,7 @@ NUMERIC_RANGES = {
     "sampling.guidance_rescale": (0.0, 1.0, False, False),
     "sampling.dynamic_threshold_percentile": (0.0, 1.0, True, False),
     "keep_best_checkpoints": (0, None, False, False),
+    "eval.every_steps": (0, None, False, False),
     "seed": (0, None, False, False),
 }
 
@@ -219,7 +234,7 @@ POSITIVE_INTEGERS = (
     "model.text_encoder.width", "model.text_encoder.depth", "model.text_encoder.num_heads",
     "model.text_encoder.mlp_ratio", "model.class_embedding_width", "model.unet.channels",
     "model.unet.num_res_blocks",
-    "model.unet.head_dim", "model.unet.norm_groups")
+    "model.unet.head_dim", "model.unet.norm_groups", "eval.num_samples", "eval.batch_size")
 
 
 def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
@@ -317,6 +332,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_model_shapes(config)
   _check_dataset(config)
   _check_sampling(config)
+  _check_eval(config)
+
+
+def _check_eval(config: ml_collections.ConfigDict) -> None:
+  """The periodic evaluation's settings, so that it cannot fail after hours of training."""
+  import os  # pylint: disable=g-import-not-at-top
+  ev = config.eval
+  if not ev.every_steps:
+    return
+  if config.model.conditioning != "none" and not all(isinstance(s, (int, float)) for s in ev.guidance_scales):
+    raise UserError(f"config.eval.guidance_scales={tuple(ev.guidance_scales)} must be numbers")
+  if ev.num_samples < 2:
+    raise UserError(f"config.eval.num_samples={ev.num_samples} must be >= 2 (covariances need two samples)")
+  if resolved_feature_network(config) == "inception" and not os.path.isfile(os.path.expanduser(ev.inception_weights)):
+    raise UserError(f"config.eval.every_steps={ev.every_steps} evaluates in Inception features, which need "
+                    f"config.eval.inception_weights: {ev.inception_weights!r} is not a file (see the README's "
+                    f"'Evaluating' section for the weights file)")
+
+
+def resolved_feature_network(config: ml_collections.ConfigDict) -> str:
+  """config.eval.feature_network, or the dataset's if ""."""
+  from diffusion_jax.data import registry  # pylint: disable=g-import-not-at-top
+  return config.eval.feature_network or registry.get(config.dataset.name).feature_network
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

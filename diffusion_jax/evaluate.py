@@ -1,12 +1,26 @@
-"""Evaluate: checkpoint → metrics in workdir/eval/<step>.json.
+"""Evaluate: checkpoints → FID / FD, KID, precision/recall, IS, accuracy, bits/dim in workdir/eval/<step>.json.
 
-python -m diffusion_jax.evaluate --workdir=runs/digits [--step=N] [--guidance_scales=1,3]
+    python -m diffusion_jax.evaluate --workdir=runs/digits [--step=N | --all_steps | --watch] \
+        [--guidance_scales=1,2,3,5] [--num_samples=1000]
 
-The file is one flat JSON object: the settings that determine the metrics ("step", "num_per_prompt",
-"sampler", "steps", "seed", and "nll_timesteps", "nll_variance" when the NLL is computed), then the metrics
-("accuracy/template_<i>/guidance_<s>", "classifier_test_accuracy", "nll_bits_per_dim", …). Evaluating the
-same step again with the same settings adds to the file (e.g. another guidance scale); other settings are
-refused unless --overwrite replaces the file or --out=PATH writes elsewhere.
+Which checkpoints: the newest good one (default), `--step=N`, every one not yet evaluated with these
+settings (`--all_steps`), or those and each new one while a training run writes them (`--watch`, until
+the run's last step is evaluated or no new checkpoint came for --watch_timeout seconds). An exported
+directory is evaluated the same way.
+
+Per checkpoint, for each guidance scale (and, for text models, each caption template of --templates):
+--num_samples samples, streamed through the dataset's feature network (`metrics/sample_eval.py`) and
+compared with the real training images (statistics computed once and cached, or --reference_stats).
+
+Outputs beside the metrics file: `<step>_<setting>.png` sample grids, `<step>_sweep.png` (the Fréchet
+distance against precision / recall / accuracy, one point per scale) and TensorBoard scalars.
+
+The metrics file is one flat JSON object: the settings that determine the metrics ("step", "num_samples",
+"sampler", "steps", "seed", "feature_network", "reference", and "nll_timesteps", "nll_variance" when the NLL
+is computed), then the metrics ("fd/guidance_3", "precision/guidance_3", "accuracy/template_0/guidance_1",
+"nll_bits_per_dim", …). Evaluating the same step again with the same settings adds to the file (e.g.
+another guidance scale); other settings are refused unless --overwrite replaces the file or --out=PATH
+writes elsewhere.
 """
 
 from __future__ import annotations
@@ -14,22 +28,46 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+
+import jax
 from absl import flags, logging
 
-from diffusion_jax import cli, inference, paths, run_files
-from diffusion_jax.metrics import sample_quality
+from diffusion_jax import cli, generation, images, inference, paths, run_files
 from diffusion_jax.data import registry
-from diffusion_jax.diffusion import vlb
+from diffusion_jax.diffusion import samplers, vlb
 from diffusion_jax.errors import UserError
+from diffusion_jax.metrics import features as features_lib
+from diffusion_jax.metrics import sample_eval, sample_quality, sweep_plot
+from diffusion_jax.metrics import writers as metric_writers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or exported directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-_SCALES = flags.DEFINE_list("guidance_scales", ["1", "3"], "Guidance scales to measure.")
+_ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Evaluate every checkpoint not yet evaluated with these settings.")
+_WATCH = flags.DEFINE_bool("watch", False, "Like --all_steps, then keep evaluating new checkpoints of a running "
+                           "training until its last step is evaluated.")
+_POLL_SECONDS = flags.DEFINE_float("poll_seconds", 30.0, "--watch: seconds between looks for new checkpoints.")
+_WATCH_TIMEOUT = flags.DEFINE_float("watch_timeout", 3600.0, "--watch: stop after this many seconds without a "
+                                    "new checkpoint.")
+_SCALES = flags.DEFINE_list("guidance_scales", ["1", "3"], "Guidance scales to measure (a sweep: e.g. 1,2,3,5).")
 _TEMPLATES = flags.DEFINE_string("templates", "0", "Text models: the dataset's caption templates to prompt "
                                  "with, as indices separated by ',', or 'all'.")
-_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 50, "Samples per class, template and scale.")
-_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Samples per setting (papers: 50000 for FID).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 250, "Global sampling batch (rounded up to a multiple of the "
+                                   "devices).")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", list(samplers.SAMPLERS), "Sampler.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_FEATURE_NETWORK = flags.DEFINE_string("feature_network", "", "Feature network: 'inception' (FID) or 'digits'; "
+                                       "default: the dataset's.")
+_INCEPTION_WEIGHTS = flags.DEFINE_string("inception_weights", "", "The FID Inception weights: pytorch-fid's "
+                                         "pt_inception-2015-12-05-6726825d.pth or its conversion (README).")
+_REFERENCE_STATS = flags.DEFINE_string("reference_stats", "", "An .npz with the real data's 'mu' and 'sigma' "
+                                       "(e.g. published FID statistics); default: computed once and cached.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Where feature networks and reference statistics are cached; "
+                                 "default: $DIFFUSION_JAX_CACHE_DIR, else ~/.cache/diffusion_jax.")
+_MAX_FEATURES = flags.DEFINE_integer("max_features", 10_000, "KID and precision/recall use at most this many "
+                                     "samples and real images.")
 _NLL_TIMESTEPS = flags.DEFINE_integer("nll_timesteps", 100, "Timesteps sampled per batch for the NLL "
                                       "bound (unbiased estimate), at most T; 0 = all T (exact in t); -1 = skip NLL.")
 _NLL_VARIANCE = flags.DEFINE_enum("nll_variance", "fixed_large", list(vlb.MODEL_VARIANCES),
@@ -40,14 +78,16 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing metrics 
                                "(needed when it was evaluated with other settings).")
 flags.mark_flags_as_required(["workdir"])
 
-def _parse_scales(values: list[str]) -> list[float]:
+
+def parse_scales(values: list[str]) -> list[float]:
   try:
     scales = [float(s) for s in values]
   except ValueError as exc:
-    raise UserError(f"--guidance_scales={','.join(values)}: {exc}") from exc
+    raise UserError(f"--guidance_scales={','.join(values)} does not parse ({exc}); give finite numbers "
+                    f"separated by ',', e.g. 1,2,3,5") from exc
   if not scales or not all(math.isfinite(s) for s in scales):
     raise UserError(f"--guidance_scales={','.join(values)} is not allowed; give finite numbers separated by ','")
-  return scales
+  return list(dict.fromkeys(scales))
 
 
 def _parse_templates(text: str, num_templates: int) -> list[int]:
@@ -63,15 +103,18 @@ def _parse_templates(text: str, num_templates: int) -> list[int]:
 
 
 def _check_counts(num_timesteps: int) -> None:
-  """--num_per_prompt, --steps and --nll_timesteps against the run's T = config.diffusion.num_timesteps."""
-  if _NUM_PER_PROMPT.value < 1:
-    raise UserError(f"--num_per_prompt={_NUM_PER_PROMPT.value} is not allowed; give an integer >= 1")
+  """The sample counts, --steps and --nll_timesteps against the run's T = config.diffusion.num_timesteps."""
+  for flag in (_NUM_SAMPLES, _BATCH_SIZE, _MAX_FEATURES):
+    if flag.value < 2:
+      raise UserError(f"--{flag.name}={flag.value} is not allowed; give an integer >= 2")
   if not 1 <= _STEPS.value <= num_timesteps:
     raise UserError(f"--steps={_STEPS.value} is not allowed; give an integer in [1, {num_timesteps}] "
                     f"(config.diffusion.num_timesteps={num_timesteps})")
   if not -1 <= _NLL_TIMESTEPS.value <= num_timesteps:
     raise UserError(f"--nll_timesteps={_NLL_TIMESTEPS.value} is not allowed; give -1 (skip the NLL), 0 (all "
                     f"{num_timesteps} timesteps) or K in [1, {num_timesteps}] (config.diffusion.num_timesteps)")
+  if _STEP.value is not None and (_ALL_STEPS.value or _WATCH.value):
+    raise UserError("--step evaluates one checkpoint; it cannot be combined with --all_steps or --watch")
 
 
 def _check_writable(directory: str) -> None:
@@ -84,43 +127,161 @@ def _check_writable(directory: str) -> None:
     raise UserError(f"{exc}, or pass --out=PATH to write the metrics elsewhere") from exc
 
 
+class Job:
+  """The evaluation of one workdir (or export) with fixed settings, for each checkpoint it is given."""
+
+  def __init__(self, workdir: str, config, scales: list[float], templates: list[int]):
+    self.workdir, self.config = workdir, config
+    self.run = inference.build_for_inference(config)
+    kind = self.run.conditioning.kind
+    self.settings = sample_eval.settings_for(kind, scales, templates)
+    self.scales = scales if kind != "none" else []
+    network = _FEATURE_NETWORK.value or self.run.dataset.feature_network
+    features_lib.check_images(network, self.run.dataset.image_shape)
+    reference = _REFERENCE_STATS.value or f"{self.run.dataset.name}/{self.run.dataset.train_split}"
+    self.fixed_settings = dict(num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value, steps=_STEPS.value,
+                               seed=_SEED.value, feature_network=network, reference=reference,
+                               nll_timesteps=_NLL_TIMESTEPS.value, nll_variance=_NLL_VARIANCE.value)
+    self.network_name = network
+    self.evaluator = None  # Built at the first checkpoint that needs it (loads weights, reference statistics).
+
+  def record_path(self, step: int) -> str:
+    return run_files.metrics_path(self.workdir, _OUT.value, step)
+
+  def settings_record(self, step: int) -> dict:
+    s = self.fixed_settings
+    return run_files.eval_settings(step, num_samples=s["num_samples"], steps=s["steps"], seed=s["seed"],
+                                   nll_timesteps=s["nll_timesteps"], nll_variance=s["nll_variance"],
+                                   sampler=s["sampler"], feature_network=s["feature_network"],
+                                   reference=s["reference"])
+
+  def _fd_name(self) -> str:
+    return "fid" if self.network_name == "inception" else "fd"
+
+  def is_done(self, step: int) -> bool:
+    """Whether `step`'s record already holds every metric these settings would write."""
+    try:
+      old = run_files.read_record(self.record_path(step))
+    except UserError:
+      return False
+    if not old or run_files.changed_settings(old, self.settings_record(step)):
+      return False
+    return all(sample_eval.metric_key(self._fd_name(), s) in old for s in self.settings)
+
+  def check_record(self, step: int) -> dict | None:
+    """The record to add to (None: a new file); refuses one written with other settings."""
+    path = self.record_path(step)
+    old = None if _OVERWRITE.value else run_files.read_record(path)
+    changed = run_files.changed_settings(old or {}, self.settings_record(step))
+    if changed:
+      differences = ", ".join(f"{k} ({old_value!r} there, {new_value!r} now)"
+                              for k, (old_value, new_value) in changed.items())
+      raise UserError(f"{path!r} holds metrics of other settings: {differences}; pass the same settings to add "
+                      f"to it, --overwrite to replace it, or --out=PATH to write elsewhere")
+    return old
+
+  def evaluate(self, step: int | None) -> dict:
+    """Evaluates checkpoint `step` (None: the newest good one); writes and returns its record."""
+    if self.evaluator is None:
+      options = generation.sampler_options(self.config, sampler=_SAMPLER.value, num_steps=_STEPS.value)
+      self.evaluator = sample_eval.create_evaluator(
+          self.run, feature_network=self.network_name, inception_weights=_INCEPTION_WEIGHTS.value,
+          cache=_CACHE_DIR.value, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, options=options,
+          seed=_SEED.value, reference_stats=_REFERENCE_STATS.value, max_features=_MAX_FEATURES.value,
+          negative_prompt=self.config.sampling.negative_prompt)
+    params, step = inference.load_params(self.run, self.workdir, step)
+    old = self.check_record(step)
+    logging.info("Evaluating step %d: %d samples for each of %d settings.", step, _NUM_SAMPLES.value,
+                 len(self.settings))
+    results = self.evaluator.evaluate(params, self.settings)
+    metrics = {k: v for r in results for k, v in r.metrics.items()}
+    if self.evaluator.classifier_test_accuracy is not None:
+      metrics["classifier_test_accuracy"] = self.evaluator.classifier_test_accuracy
+    if _NLL_TIMESTEPS.value >= 0:
+      metrics.update(sample_quality.nll_bits_per_dim(
+          inference.LoadedModel(self.run, params, step), num_timesteps=_NLL_TIMESTEPS.value or None,
+          model_variance=_NLL_VARIANCE.value, seed=_SEED.value))
+    record = run_files.merge_records(old or {}, {**self.settings_record(step), **metrics})
+    if jax.process_index() == 0:
+      self._write(step, record, results, metrics)
+    return record
+
+  def _write(self, step: int, record: dict, results, metrics: dict) -> None:
+    path = self.record_path(step)
+    directory = os.path.dirname(path)
+    run_files.write_record(path, record)
+    for result in results:
+      name = result.setting.name.replace("/", "_") or "samples"
+      images.save_grid(os.path.join(directory, f"{step}_{name}.png"), result.grid, num_rows=result.grid_rows)
+    plot = self._plot_sweep(step, record, os.path.join(directory, f"{step}_sweep.png"))
+    writer = metric_writers.create_writer(directory)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.flush()
+    for name, value in metrics.items():
+      logging.info("step %d: %s = %.4f", step, name, value)
+    print(json.dumps(record, indent=2))
+    print(f"metrics: {path}" + (f"\nsweep plot: {plot}" if plot else ""))
+
+  def _plot_sweep(self, step: int, record: dict, path: str) -> str | None:
+    """The sweep of every scale the record holds (this run's and earlier ones'), for the first template."""
+    template = self.settings[0].template
+    scales = sorted(s for s in _recorded_scales(record, self._fd_name(), template))
+    if len(scales) < 2:
+      return None
+    key = lambda metric, scale: sample_eval.metric_key(metric, sample_eval.Setting(scale, template))
+    others = {m: [record.get(key(m, s)) for s in scales] for m in ("precision", "recall", "accuracy")}
+    others = {m: v for m, v in others.items() if all(x is not None for x in v)}
+    title = f"{self.run.dataset.name}, step {step}, {record['num_samples']} samples per scale"
+    return sweep_plot.plot_guidance_sweep(path, scales, [record[key(self._fd_name(), s)] for s in scales], others,
+                                          fd_name=self._fd_name(), title=title)
+
+
+def _recorded_scales(record: dict, fd_name: str, template: int | None) -> list[float]:
+  prefix = f"{fd_name}/" + ("" if template is None else f"template_{template}/") + "guidance_"
+  return [float(k[len(prefix):]) for k in record if k.startswith(prefix)]
+
+
+def _watch(job: Job) -> None:
+  """Evaluates each checkpoint not yet evaluated, as training writes them, until the run's last step."""
+  final = job.config.num_train_steps
+  last_new = time.monotonic()
+  while True:
+    todo = [s for s in inference.checkpoint_steps(job.workdir) if not job.is_done(s)]
+    for step in todo:
+      try:
+        job.evaluate(step)
+      except UserError as exc:  # E.g. removed by the run's checkpoint rotation while we looked.
+        logging.warning("Skipping step %d: %s", step, exc)
+      last_new = time.monotonic()
+    if job.is_done(final):
+      logging.info("The run's last step (%d) is evaluated; done.", final)
+      return
+    if not _WATCH.value:
+      return
+    if time.monotonic() - last_new > _WATCH_TIMEOUT.value:
+      logging.warning("No new checkpoint for %.0f s (--watch_timeout); stopping.", _WATCH_TIMEOUT.value)
+      return
+    time.sleep(_POLL_SECONDS.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}")
   # Every flag and the output directory are checked before the model loads.
-  scales = _parse_scales(_SCALES.value)
+  scales = parse_scales(_SCALES.value)
   config = inference.read_config(_WORKDIR.value)
   dataset = registry.get(config.dataset.name)
   templates = _parse_templates(_TEMPLATES.value, dataset.num_caption_templates)
   _check_counts(config.diffusion.num_timesteps)
   _check_writable(os.path.dirname(run_files.metrics_path(_WORKDIR.value, _OUT.value, step=0)))
-  loaded = inference.load(_WORKDIR.value, _STEP.value)
-  path = run_files.metrics_path(_WORKDIR.value, _OUT.value, loaded.step)
-  settings = run_files.eval_settings(loaded.step, num_per_prompt=_NUM_PER_PROMPT.value, steps=_STEPS.value,
-                           seed=_SEED.value, nll_timesteps=_NLL_TIMESTEPS.value, nll_variance=_NLL_VARIANCE.value)
-  old = None if _OVERWRITE.value else run_files.read_record(path)
-  changed = run_files.changed_settings(old or {}, settings)
-  if changed:
-    differences = ", ".join(f"{k} ({old_value!r} there, {new_value!r} now)"
-                            for k, (old_value, new_value) in changed.items())
-    raise UserError(f"{path!r} holds metrics of other settings: {differences}; pass the same settings to add "
-                    f"to it, --overwrite to replace it, or --out=PATH to write elsewhere")
-
-  metrics = {}
-  if dataset.reference_classifier is not None:
-    metrics.update(sample_quality.sample_accuracy(loaded, scales, num_per_class=_NUM_PER_PROMPT.value,
-                                              num_steps=_STEPS.value, seed=_SEED.value, templates=templates))
+  steps = inference.checkpoint_steps(_WORKDIR.value)
+  if not steps and not _WATCH.value:
+    raise UserError(f"no checkpoint in {_WORKDIR.value!r}; train first (or pass --watch to wait for one)")
+  job = Job(_WORKDIR.value, config, scales, templates)
+  if _ALL_STEPS.value or _WATCH.value:
+    _watch(job)
   else:
-    logging.warning("Dataset %r has no reference classifier: no sample accuracy, only the NLL.", dataset.name)
-  if _NLL_TIMESTEPS.value >= 0:
-    metrics.update(sample_quality.nll_bits_per_dim(
-        loaded, num_timesteps=_NLL_TIMESTEPS.value or None, model_variance=_NLL_VARIANCE.value, seed=_SEED.value))
-  record = run_files.merge_records(old or {}, {**settings, **metrics})
-  run_files.write_record(path, record)
-  for name, value in metrics.items():
-    logging.info("%s = %.4f", name, value)
-  print(json.dumps(record, indent=2))
-  print(f"metrics: {path}")
+    job.evaluate(_STEP.value)
 
 
 if __name__ == "__main__":

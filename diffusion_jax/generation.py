@@ -30,12 +30,11 @@ def sampler_options(config, **overrides) -> samplers.SamplerOptions:
   return samplers.SamplerOptions(**options)
 
 
-def make_sample_fn(model: DiffusionModel, schedule: NoiseSchedule, options: samplers.SamplerOptions,
-                   autoencoder):
-  """A jitted fn(params, inputs, null_inputs, guidance_scale [N], rng) → images [N, H, W, C] float32 in
-  [-1, 1], decoded by `autoencoder`. `inputs`/`null_inputs` are the conditioning inputs of the requests
-  and of the unconditional branch ({} for unconditional models). Compiles once per N (the scales are
-  data, so a sweep does not recompile)."""
+def make_sample(model: DiffusionModel, schedule: NoiseSchedule, options: samplers.SamplerOptions, autoencoder):
+  """fn(params, inputs, null_inputs, guidance_scale [N], rng) → images [N, H, W, C] float32 in [-1, 1],
+  decoded by `autoencoder`, not yet jitted (evaluation jits it together with a feature network).
+  `inputs`/`null_inputs` are the conditioning inputs of the requests and of the unconditional branch
+  ({} for unconditional models)."""
   options.validate(schedule.num_timesteps)
   guided = model.conditioning_kind != "none"
 
@@ -48,7 +47,13 @@ def make_sample_fn(model: DiffusionModel, schedule: NoiseSchedule, options: samp
     x0 = samplers.sample(denoise, schedule, x_T, encode(inputs), uncond, guidance_scale, sampler_rng, options)
     return autoencoder.decode(x0)
 
-  return jax.jit(sample)
+  return sample
+
+
+def make_sample_fn(model: DiffusionModel, schedule: NoiseSchedule, options: samplers.SamplerOptions,
+                   autoencoder):
+  """`make_sample` jitted: compiles once per N (the scales are data, so a sweep does not recompile)."""
+  return jax.jit(make_sample(model, schedule, options, autoencoder))
 
 
 def generate(sample_fn, params: Any, conditioning, requests: Sequence[Any],

@@ -113,6 +113,13 @@ def load(path: str, step: int | None = None) -> LoadedModel:
   parameters that hold NaN or inf.
   """
   run = build_for_inference(read_config(path))
+  params, step = load_params(run, path, step)
+  return LoadedModel(run, params, step)
+
+
+def load_params(run: build.Run, path: str, step: int | None = None) -> tuple[Any, int]:
+  """(EMA parameters on the host, their step) of `path` for an already built `run` (evaluating several
+  checkpoints builds, and compiles, once). Verified as in `load`."""
   abstract_state = run.abstract_state(replicate_indivisible=True)
   if is_export(path):
     params, step = _load_export(path, step, abstract_state.ema_params)
@@ -120,7 +127,19 @@ def load(path: str, step: int | None = None) -> LoadedModel:
     params, step = _load_checkpoint(path, step, abstract_state)
   params = jax.device_get(params)
   _check_finite(params, f"{path!r} (step {step})")
-  return LoadedModel(run, params, step)
+  return params, step
+
+
+def checkpoint_steps(path: str) -> list[int]:
+  """The steps `path` holds: its checkpoints' (a workdir) or the exported step (an export)."""
+  if is_export(path):
+    with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
+      return [json.load(f)["step"]]
+  checkpointer = Checkpointer(path, read_only=True)
+  try:
+    return list(checkpointer.all_steps())
+  finally:
+    checkpointer.close()
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:

@@ -88,13 +88,17 @@ def check_resumable(config, workdir: str) -> None:
 
 
 # The settings that determine the metrics, in the order they lead a record.
-SETTINGS = ("step", "num_per_prompt", "sampler", "steps", "seed", "nll_timesteps", "nll_variance")
+SETTINGS = ("step", "num_samples", "sampler", "steps", "seed", "feature_network", "reference", "nll_timesteps",
+            "nll_variance")
 
 
-def eval_settings(step: int, *, num_per_prompt: int, steps: int, seed: int, nll_timesteps: int,
-                  nll_variance: str, sampler: str = "ddim") -> dict[str, Any]:
-  """The settings of one evaluation as recorded; the NLL ones only if it computes the NLL (nll_timesteps >= 0)."""
-  settings = {"step": step, "num_per_prompt": num_per_prompt, "sampler": sampler, "steps": steps, "seed": seed}
+def eval_settings(step: int, *, num_samples: int, steps: int, seed: int, nll_timesteps: int, nll_variance: str,
+                  sampler: str = "ddim", feature_network: str = "", reference: str = "") -> dict[str, Any]:
+  """The settings of one evaluation as recorded; the NLL ones only if it computes the NLL (nll_timesteps >= 0).
+
+  reference: what the samples are compared with ('<dataset>/<split>' or the --reference_stats file)."""
+  settings = {"step": step, "num_samples": num_samples, "sampler": sampler, "steps": steps, "seed": seed,
+              "feature_network": feature_network, "reference": reference}
   if nll_timesteps >= 0:
     settings.update(nll_timesteps=nll_timesteps, nll_variance=nll_variance)
   return settings

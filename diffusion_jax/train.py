@@ -17,7 +17,7 @@ from diffusion_jax import workdir_lock
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import Interrupted, NonFiniteError
-from diffusion_jax.metrics import held_out_loss
+from diffusion_jax.metrics import held_out_loss, sample_eval
 from diffusion_jax.metrics import writers as metric_writers
 from diffusion_jax.parallel import mesh as mesh_lib
 from diffusion_jax.train_step import check_batch_divisibility, global_batch, make_train_step
@@ -66,6 +66,7 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
   rows = generation.grid_requests(config, run.dataset, run.conditioning.kind)
   requests = [r for r in rows for _ in range(config.sampling.num_per_prompt)]
   eval_loss = held_out_loss.make_held_out_loss(run, held_out_loss.load_examples(run, config.eval_num_examples))
+  sample_evaluator, eval_settings = _create_sample_evaluator(run)
 
   writer = metric_writers.create_writer(workdir, drop_steps_after=initial_step)
   if initial_step == 0:
@@ -105,6 +106,12 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
                                         images_lib.to_uint8(images), num_rows=len(rows))
             writer.write_images(step, {"samples": grid[None]})
 
+        if sample_evaluator is not None and (step % config.eval.every_steps == 0 or last):
+          results = sample_evaluator.evaluate(state.ema_params, eval_settings)
+          sample_metrics = {f"sample_eval/{k}": v for r in results for k, v in r.metrics.items()}
+          writer.write_scalars(step, sample_metrics)
+          logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sample_metrics.items()))
+
         if step % config.checkpoint_every_steps == 0 or last or stop:
           # Never save inside a run of non-finite steps that must stop the run.
           summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
@@ -125,6 +132,20 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
       raise Interrupted(f"interrupted by Ctrl-C; step {step} is saved in {checkpointer.directory}. "
                         f"Run the same command to resume")
   return state
+
+
+def _create_sample_evaluator(run) -> tuple[sample_eval.SampleEvaluator | None, list[sample_eval.Setting]]:
+  """The periodic sample-quality evaluation of config.eval (None if every_steps = 0): its feature network
+  and the real data's statistics are prepared here, once, so an evaluation costs about its sampling."""
+  config = run.config
+  if not config.eval.every_steps:
+    return None, []
+  evaluator = sample_eval.create_evaluator(
+      run, feature_network=config_lib.resolved_feature_network(config), inception_weights=config.eval.inception_weights,
+      cache=config.eval.cache_dir, num_samples=config.eval.num_samples, batch_size=config.eval.batch_size,
+      options=generation.sampler_options(config), seed=config.seed, negative_prompt=config.sampling.negative_prompt)
+  scales = tuple(config.eval.guidance_scales) or (config.sampling.guidance_scale,)
+  return evaluator, sample_eval.settings_for(run.conditioning.kind, scales)
 
 
 def summarize(metrics: list[dict[str, np.ndarray]], step: int, config, last_checkpoint: int | None) -> dict[str, float]:

@@ -9,6 +9,9 @@ import pytest
 # tiny model: JAX's persistent compilation cache lets them share executables instead of recompiling.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_tests_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The digits feature network and reference statistics: trained / computed once per machine for the tests,
+# never in the user's ~/.cache.
+os.environ.setdefault("DIFFUSION_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_tests_cache"))
 
 from configs import smoke
 from diffusion_jax.config import get_default_config

@@ -17,7 +17,7 @@ from diffusion_jax import run_files
 from tests.conftest import tiny_config
 from tests.test_cli import REPO, _assert_one_line_error
 
-SMALL_EVAL = ("--num_per_prompt=1", "--steps=2", "--nll_timesteps=-1")
+SMALL_EVAL = ("--num_samples=8", "--steps=2", "--nll_timesteps=-1")
 
 
 def _run(*args, data_dir=None):
@@ -96,13 +96,16 @@ def test_sample_out_paths(trained, data_dir, tmp_path):
 @pytest.mark.parametrize("flag, fragments", [
     ("--guidance_scales=1,nan", ("--guidance_scales=1,nan", "finite")),
     ("--guidance_scales=inf", ("--guidance_scales=inf", "finite")),
-    ("--num_per_prompt=0", ("--num_per_prompt=0", ">= 1")),
+    ("--guidance_scales=1,x", ("--guidance_scales=1,x", "does not parse", "e.g. 1,2,3,5")),
+    ("--num_samples=1", ("--num_samples=1", ">= 2")),
+    ("--batch_size=0", ("--batch_size=0", ">= 2")),
+    ("--step=3 --all_steps", ("--step", "--all_steps")),
     ("--steps=0", ("--steps=0", "[1, 1000]")),
     ("--nll_timesteps=-5", ("--nll_timesteps=-5", "-1 (skip", "0 (all 1000", "[1, 1000]")),
     ("--nll_timesteps=1001", ("--nll_timesteps=1001", "[1, 1000]")),
 ])
 def test_evaluate_refuses_bad_flags_before_loading(config_only, flag, fragments):
-  _refused("diffusion_jax.evaluate", f"--workdir={config_only}", flag, fragments=fragments)
+  _refused("diffusion_jax.evaluate", f"--workdir={config_only}", *flag.split(), fragments=fragments)
   assert not (config_only / "eval").exists()
 
 
@@ -125,14 +128,16 @@ def test_evaluate_checks_the_out_directory_before_loading(config_only, tmp_path)
 
 
 def _settings(**changes):
-  kwargs = dict(num_per_prompt=50, steps=50, seed=0, nll_timesteps=100, nll_variance="fixed_large")
+  kwargs = dict(num_samples=50, steps=50, seed=0, nll_timesteps=100, nll_variance="fixed_large",
+                feature_network="digits", reference="digits/train")
   return run_files.eval_settings(7, **{**kwargs, **changes})
 
 
 def test_eval_settings_record_the_nll_settings_only_with_an_nll():
-  assert list(_settings()) == ["step", "num_per_prompt", "sampler", "steps", "seed", "nll_timesteps",
-                               "nll_variance"]
-  assert list(_settings(nll_timesteps=-1)) == ["step", "num_per_prompt", "sampler", "steps", "seed"]
+  assert list(_settings()) == ["step", "num_samples", "sampler", "steps", "seed", "feature_network", "reference",
+                               "nll_timesteps", "nll_variance"]
+  assert list(_settings(nll_timesteps=-1)) == ["step", "num_samples", "sampler", "steps", "seed",
+                                               "feature_network", "reference"]
   assert _settings(nll_timesteps=0)["nll_timesteps"] == 0
 
 
@@ -154,7 +159,7 @@ def test_merge_records_adds_and_updates_metrics_settings_first():
   new = {**_settings(), "classifier_test_accuracy": 0.99, "accuracy/template_0/guidance_3": 0.6,
          "accuracy/template_0/guidance_5": 0.7, "nll_bits_per_dim": 4.0}
   merged = run_files.merge_records(old, new)
-  assert list(merged)[:7] == list(run_files.SETTINGS)
+  assert list(merged)[:9] == list(run_files.SETTINGS)
   assert merged["accuracy/template_0/guidance_1"] == 0.2
   assert merged["accuracy/template_0/guidance_3"] == 0.6
   assert merged["accuracy/template_0/guidance_5"] == 0.7
@@ -164,7 +169,7 @@ def test_merge_records_adds_and_updates_metrics_settings_first():
 
 def test_evaluate_merges_refuses_overwrites(trained, data_dir, tmp_path):
   path = os.path.join(trained, "eval", "2.json")
-  common = ("diffusion_jax.evaluate", f"--workdir={trained}", "--num_per_prompt=1", "--nll_timesteps=-1")
+  common = ("diffusion_jax.evaluate", f"--workdir={trained}", "--num_samples=8", "--nll_timesteps=-1")
 
   def evaluate_ok(*args):
     rc, out, err = _run(*common, *args, data_dir=data_dir)
@@ -180,8 +185,9 @@ def test_evaluate_merges_refuses_overwrites(trained, data_dir, tmp_path):
   out = evaluate_ok("--steps=2", "--guidance_scales=5")
   assert f"metrics: {path}" in out
   record = read()
-  assert list(record)[:5] == ["step", "num_per_prompt", "sampler", "steps", "seed"]
-  assert (record["step"], record["num_per_prompt"], record["steps"]) == (2, 1, 2)
+  assert list(record)[:7] == ["step", "num_samples", "sampler", "steps", "seed", "feature_network", "reference"]
+  assert (record["step"], record["num_samples"], record["steps"]) == (2, 8, 2)
+  assert (record["feature_network"], record["reference"]) == ("digits", "digits/train")
   assert accuracy(record) == [f"accuracy/template_0/guidance_{s}" for s in (1, 3, 5)]
   assert "classifier_test_accuracy" in record
 

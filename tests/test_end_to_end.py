@@ -56,7 +56,7 @@ def test_train_sample_evaluate(data_dir, tmp_path):
   assert int(np.load(out_exported)["step"]) == STEPS
 
   _run(data_dir, "diffusion_jax.evaluate", f"--workdir={workdir}", "--guidance_scales=1,3",
-       "--num_per_prompt=20", "--steps=25")
+       "--num_samples=200", "--steps=25")
   with open(os.path.join(workdir, "eval", f"{STEPS}.json")) as f:
     metrics = json.load(f)
   print(metrics)

@@ -337,7 +337,7 @@ def test_a_read_only_workdir_is_refused_before_any_work(trained, tmp_path):
     subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
     with pytest.raises(UserError, match=r"--workdir .* is not writable \(Read-only file system\)"):
       train.train_and_evaluate(config, workdir)
-    _assert_one_line_error(*_run("diffusion_jax.evaluate", f"--workdir={workdir}", "--num_per_prompt=1",
+    _assert_one_line_error(*_run("diffusion_jax.evaluate", f"--workdir={workdir}", "--num_samples=8",
                                  "--steps=2", "--nll_timesteps=-1"), "Read-only file system")
     # Reading a read-only workdir is fine: sample writes elsewhere.
     rc, err = _run("diffusion_jax.sample", f"--workdir={workdir}", "--num_per_prompt=1", "--steps=2",

@@ -29,9 +29,12 @@ class DatasetSpec:
       downloaded or touched.
     random_flip: whether training flips images horizontally at random by default
       (`config.dataset.random_flip` overrides it).
-    train_split: the split training reads.
-    eval_split: the real split that evaluation compares samples with.
+    train_split: the split training reads, and the real images that sample statistics (FID, …) are
+      compared with, as papers report them (e.g. CIFAR-10's 50,000 training images).
+    eval_split: the held-out split of the NLL bound and eval_loss.
     canonical_labels: the labels shown in sample grids; () means all of them, in order.
+    feature_network: the network whose features sample quality is measured in ('inception' for natural
+      images; see metrics/features.py).
     reference_classifier: None, or a function returning (a classifier trained on the real training
       images, with .predict(uint8 images [N, H, W, C]) → labels [N], its accuracy on the real test split):
       evaluation scores samples with it (is a sample of class c recognized as c?).
@@ -48,6 +51,7 @@ class DatasetSpec:
   train_split: str = "train"
   eval_split: str = "test"
   canonical_labels: tuple[int, ...] = ()
+  feature_network: str = "inception"
   reference_classifier: Callable[[], tuple[Any, float]] | None = None
 
   def __post_init__(self):
