@@ -19,4 +19,7 @@ def get_config():
   config.model.unet.transformer_depth = (0, 1)
   config.diffusion.beta_schedule = "cosine"
   config.diffusion.p_uncond = 0.1
+  # FD / KID / precision-recall / accuracy of 500 samples at guidance 3, in the digits feature network.
+  config.eval.every_steps = 1000
+  config.eval.num_samples = 500
   return config

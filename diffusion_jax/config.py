@@ -343,8 +343,9 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
     return
   if config.model.conditioning != "none" and not all(isinstance(s, (int, float)) for s in ev.guidance_scales):
     raise UserError(f"config.eval.guidance_scales={tuple(ev.guidance_scales)} must be numbers")
-  if ev.num_samples < 2:
-    raise UserError(f"config.eval.num_samples={ev.num_samples} must be >= 2 (covariances need two samples)")
+  if ev.num_samples < 4:
+    raise UserError(f"config.eval.num_samples={ev.num_samples} must be >= 4 (precision/recall compares each "
+                    f"sample with its 3 nearest neighbours)")
   if resolved_feature_network(config) == "inception" and not os.path.isfile(os.path.expanduser(ev.inception_weights)):
     raise UserError(f"config.eval.every_steps={ev.every_steps} evaluates in Inception features, which need "
                     f"config.eval.inception_weights: {ev.inception_weights!r} is not a file (see the README's "

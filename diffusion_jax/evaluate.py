@@ -105,8 +105,9 @@ def _parse_templates(text: str, num_templates: int) -> list[int]:
 def _check_counts(num_timesteps: int) -> None:
   """The sample counts, --steps and --nll_timesteps against the run's T = config.diffusion.num_timesteps."""
   for flag in (_NUM_SAMPLES, _BATCH_SIZE, _MAX_FEATURES):
-    if flag.value < 2:
-      raise UserError(f"--{flag.name}={flag.value} is not allowed; give an integer >= 2")
+    if flag.value < sample_eval.MIN_SAMPLES:
+      raise UserError(f"--{flag.name}={flag.value} is not allowed; give an integer >= {sample_eval.MIN_SAMPLES} "
+                      f"(precision/recall compares each sample with its 3 nearest neighbours)")
   if not 1 <= _STEPS.value <= num_timesteps:
     raise UserError(f"--steps={_STEPS.value} is not allowed; give an integer in [1, {num_timesteps}] "
                     f"(config.diffusion.num_timesteps={num_timesteps})")
@@ -133,9 +134,7 @@ class Job:
   def __init__(self, workdir: str, config, scales: list[float], templates: list[int]):
     self.workdir, self.config = workdir, config
     self.run = inference.build_for_inference(config)
-    kind = self.run.conditioning.kind
-    self.settings = sample_eval.settings_for(kind, scales, templates)
-    self.scales = scales if kind != "none" else []
+    self.settings = sample_eval.settings_for(self.run.conditioning.kind, scales, templates)
     network = _FEATURE_NETWORK.value or self.run.dataset.feature_network
     features_lib.check_images(network, self.run.dataset.image_shape)
     reference = _REFERENCE_STATS.value or f"{self.run.dataset.name}/{self.run.dataset.train_split}"
@@ -256,7 +255,7 @@ def _watch(job: Job) -> None:
     if job.is_done(final):
       logging.info("The run's last step (%d) is evaluated; done.", final)
       return
-    if not _WATCH.value:
+    if not _WATCH.value or inference.is_export(job.workdir):  # An export never changes.
       return
     if time.monotonic() - last_new > _WATCH_TIMEOUT.value:
       logging.warning("No new checkpoint for %.0f s (--watch_timeout); stopping.", _WATCH_TIMEOUT.value)

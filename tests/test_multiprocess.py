@@ -20,12 +20,20 @@ from diffusion_jax.inference import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/smoke.py", "--config.num_train_steps=6", "--config.log_every_steps=3",
-        "--config.checkpoint_every_steps=6", "--config.sample_every_steps=6"]
+        "--config.checkpoint_every_steps=6", "--config.sample_every_steps=6",
+        # Sample evaluation at step 6: samples sharded over both processes' devices, features gathered.
+        "--config.eval.every_steps=6", "--config.eval.num_samples=24", "--config.eval.batch_size=8",
+        "--config.sampling.num_steps=3"]
 
 
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def _sample_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {k: v for r in map(json.loads, f) for k, v in r.items() if k.startswith("sample_eval/")}
 
 
 @pytest.mark.slow
@@ -41,6 +49,10 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   assert "Process 1 of 2" in proc.stderr and "Process 0 of 2" in proc.stderr
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
   assert len(_losses(one)) == 2
+  one_metrics, two_metrics = _sample_metrics(one), _sample_metrics(two)
+  assert "sample_eval/fd/template_0/guidance_3" in one_metrics and set(one_metrics) == set(two_metrics)
+  for key, value in one_metrics.items():
+    assert two_metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
   params_one, params_two = load(one).params, load(two).params
   for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -179,7 +179,7 @@ def test_config_refuses_periodic_inception_evaluation_without_weights(data_dir):
     config_lib.validate(config)
   config.eval.feature_network = "digits"
   config.eval.num_samples = 1
-  with pytest.raises(UserError, match=r"num_samples=1 must be >= 2"):
+  with pytest.raises(UserError, match=r"num_samples=1 must be >= 4"):
     config_lib.validate(config)
 
 

@@ -26,6 +26,7 @@ import optax
 
 from diffusion_jax.data.builders import digits
 from diffusion_jax.errors import UserError
+from diffusion_jax.metrics.features import fingerprint  # pylint: disable=unused-import  (this network's key)
 
 Variables = dict[str, Any]  # Flax variables: {'params': {layer: {'kernel': …, 'bias': …}}}.
 
@@ -79,19 +80,6 @@ def apply(variables: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array
   0..255. Pure and jittable: the shape check only reads the static shape."""
   check_images(jnp.shape(images))
   return _apply(variables, images)
-
-
-def fingerprint(variables: Variables) -> str:
-  """16 hex digits of sha256 over every leaf (its path, dtype, shape and bytes, in sorted path order):
-  the key of reference statistics computed with these weights."""
-  flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
-  digest = hashlib.sha256()
-  for key in sorted(flat):
-    leaf = np.asarray(flat[key])
-    leaf = np.ascontiguousarray(leaf, dtype=leaf.dtype.newbyteorder("<"))  # Same bytes on any host.
-    digest.update(f"{key}:{leaf.dtype.str}:{leaf.shape};".encode())
-    digest.update(leaf.tobytes())
-  return digest.hexdigest()[:16]
 
 
 def _dataset() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:

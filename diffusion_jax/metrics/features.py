@@ -13,11 +13,14 @@ runs it sharded like the samples.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from diffusion_jax.errors import UserError
 
@@ -71,23 +74,26 @@ def _inception(weights: str) -> FeatureNetwork:
     return out["pool"], out["logits"]
 
   return FeatureNetwork("inception", inception.NUM_FEATURES, inception.NUM_LOGITS, apply, variables,
-                        _fingerprint(variables), "fid")
+                        fingerprint(variables), "fid")
 
 
 def _digits(cache: str) -> FeatureNetwork:
   from diffusion_jax.metrics import digit_features  # pylint: disable=g-import-not-at-top
   variables, _ = digit_features.load_or_train(cache)
   return FeatureNetwork("digits", digit_features.FEATURE_DIM, 10, digit_features.apply, variables,
-                        digit_features.fingerprint(variables), "fd")
+                        fingerprint(variables), "fd")
 
 
-def _fingerprint(variables: Any) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def fingerprint(variables: Any) -> str:
+  """16 hex digits of sha256 over every leaf (its path, dtype, shape and bytes, in sorted path order):
+  the key of reference statistics computed with these weights."""
+  flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  for key in sorted(flat):
+    leaf = np.asarray(flat[key])
+    leaf = np.ascontiguousarray(leaf, dtype=leaf.dtype.newbyteorder("<"))  # Same bytes on any host.
+    digest.update(f"{key}:{leaf.dtype.str}:{leaf.shape};".encode())
+    digest.update(leaf.tobytes())
   return digest.hexdigest()[:16]
 
 

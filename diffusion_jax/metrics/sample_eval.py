@@ -34,6 +34,7 @@ from diffusion_jax.metrics import fid
 from diffusion_jax.metrics.features import FeatureNetwork
 from diffusion_jax.parallel import mesh as mesh_lib
 
+MIN_SAMPLES = 4  # Precision/recall's k = 3 neighbours need 4 points.
 GRID_ROWS = 8  # Sample grids: this many rows of the first samples (class models: one class per column).
 
 
@@ -259,7 +260,7 @@ class SampleEvaluator:
       metrics["kid"], metrics["kid_std"] = fid.kernel_inception_distance(features, real, seed=self.seed)
       count = min(len(features), len(real))
       metrics["precision"], metrics["recall"] = fid.precision_recall(real[:count], features[:count], k=3)
-    metrics["is"], metrics["is_std"] = fid.inception_score(logits)
+    metrics["is"], metrics["is_std"] = fid.inception_score(logits, splits=min(10, len(logits)))
     return {k: float(v) for k, v in metrics.items()}
 
 

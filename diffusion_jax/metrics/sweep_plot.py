@@ -24,7 +24,7 @@ def plot_guidance_sweep(path: str, scales: Sequence[float], fd: Sequence[float],
     x, y = np.asarray(values)[order], np.asarray(fd)[order]
     ax.plot(x, y, "-o", color="tab:blue")
     for scale, xi, yi in zip(np.asarray(scales)[order], x, y):
-      ax.annotate(f"w={scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+      ax.annotate(f"s={scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(name)
     ax.set_ylabel(fd_name.upper())
     ax.grid(alpha=0.3)
