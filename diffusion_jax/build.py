@@ -76,7 +76,9 @@ def create_model(config, dataset: registry.DatasetSpec | None = None,
   un = config.model.unet
   unet = UNet(latent_shape[-1], un.channels, tuple(un.channel_mult), un.num_res_blocks,
               tuple(un.transformer_depth), un.mid_transformer_depth, un.head_dim, un.norm_groups,
-              un.dropout, un.use_linear_projection, dtype, config.model.remat_policy, name="unet")
+              un.dropout, un.use_linear_projection, dtype, config.model.remat_policy,
+              attention_type=un.attention_type, num_heads=un.num_heads, scale_shift_norm=un.scale_shift_norm,
+              resblock_updown=un.resblock_updown, pooled_projection=un.pooled_projection, name="unet")
   text_encoder = class_embedding = None
   if config.model.conditioning == "text":
     te = config.model.text_encoder

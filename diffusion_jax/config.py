@@ -89,6 +89,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.unet.norm_groups = 8
   c.model.unet.dropout = 0.0
   c.model.unet.use_linear_projection = True  # Linear (SD 2.x) vs 1×1 conv (SD 1.x) proj_in/proj_out.
+  c.model.unet.attention_type = "transformer"  # SD's "transformer" (+ cross-attention) or DDPM/ADM's "self".
+  c.model.unet.num_heads = 0  # > 0: this many heads at every width (DDPM 1, SD 1.x 8); 0: width head_dim.
+  c.model.unet.scale_shift_norm = False  # ADM's AdaGN: the timestep embedding scales and shifts the norm.
+  c.model.unet.resblock_updown = False  # ADM / BigGAN: resample inside ResBlocks, not by (strided) convs.
+  c.model.unet.pooled_projection = True  # Add the pooled condition to the timestep embedding (SD: False).
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -161,6 +166,7 @@ def allowed_values() -> dict[str, tuple[str, ...]]:
       "model.dtype": COMPUTE_DTYPES,
       "model.remat_policy": ("none",) + tuple(unet.REMAT_POLICIES),
       "model.conditioning": conditioning.KINDS,
+      "model.unet.attention_type": tuple(unet.ATTENTION_TYPES),
       "model.autoencoder": autoencoder.KINDS,
       "diffusion.beta_schedule": tuple(schedules.BETA_SCHEDULES),
       "diffusion.loss_weighting": losses.LOSS_WEIGHTINGS,
@@ -253,16 +259,22 @@ def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by "
                     f"2**(levels-1)={2 ** (levels - 1)} for channel_mult={tuple(unet.channel_mult)}")
   widths = [unet.channels * m for m in unet.channel_mult]
+  if unet.num_heads < 0:
+    raise UserError(f"config.model.unet.num_heads={unet.num_heads} must be >= 0 (0: heads of width head_dim)")
+  heads_key, heads = ("num_heads", unet.num_heads) if unet.num_heads else ("head_dim", unet.head_dim)
   for level, (width, depth) in enumerate(zip(widths, unet.transformer_depth)):
     if width % unet.norm_groups:
       raise UserError(f"config.model.unet.norm_groups={unet.norm_groups} does not divide the {width} channels "
                       f"of level {level} (channels={unet.channels} × channel_mult[{level}]={unet.channel_mult[level]})")
-    if depth and width % unet.head_dim:
-      raise UserError(f"config.model.unet.head_dim={unet.head_dim} does not divide the {width} channels of "
+    if depth and width % heads:
+      raise UserError(f"config.model.unet.{heads_key}={heads} does not divide the {width} channels of "
                       f"level {level}, which has attention (transformer_depth[{level}]={depth})")
-  if unet.mid_transformer_depth and widths[-1] % unet.head_dim:
-    raise UserError(f"config.model.unet.head_dim={unet.head_dim} does not divide the {widths[-1]} channels "
+  if unet.mid_transformer_depth and widths[-1] % heads:
+    raise UserError(f"config.model.unet.{heads_key}={heads} does not divide the {widths[-1]} channels "
                     f"of the middle block (mid_transformer_depth={unet.mid_transformer_depth})")
+  if unet.attention_type == "self" and config.model.conditioning == "text":
+    raise UserError("config.model.unet.attention_type='self' has no cross-attention, so a text model could not "
+                    "read its prompt; use 'transformer'")
   if te.width % te.num_heads:
     raise UserError(f"config.model.text_encoder.num_heads={te.num_heads} does not divide "
                     f"width={te.width}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import jax
 from absl import flags, logging
@@ -240,27 +239,11 @@ def _recorded_scales(record: dict, fd_name: str, template: int | None) -> list[f
   return [float(k[len(prefix):]) for k in record if k.startswith(prefix)]
 
 
-def _watch(job: Job) -> None:
-  """Evaluates each checkpoint not yet evaluated, as training writes them, until the run's last step."""
-  final = job.config.num_train_steps
-  last_new = time.monotonic()
-  while True:
-    todo = [s for s in inference.checkpoint_steps(job.workdir) if not job.is_done(s)]
-    for step in todo:
-      try:
-        job.evaluate(step)
-      except UserError as exc:  # E.g. removed by the run's checkpoint rotation while we looked.
-        logging.warning("Skipping step %d: %s", step, exc)
-      last_new = time.monotonic()
-    if job.is_done(final):
-      logging.info("The run's last step (%d) is evaluated; done.", final)
-      return
-    if not _WATCH.value or inference.is_export(job.workdir):  # An export never changes.
-      return
-    if time.monotonic() - last_new > _WATCH_TIMEOUT.value:
-      logging.warning("No new checkpoint for %.0f s (--watch_timeout); stopping.", _WATCH_TIMEOUT.value)
-      return
-    time.sleep(_POLL_SECONDS.value)
+def _evaluate_unless_gone(job: Job, step: int) -> None:
+  try:
+    job.evaluate(step)
+  except UserError as exc:  # E.g. removed by the run's checkpoint rotation while we looked.
+    logging.warning("Skipping step %d: %s", step, exc)
 
 
 def main(argv):
@@ -278,7 +261,9 @@ def main(argv):
     raise UserError(f"no checkpoint in {_WORKDIR.value!r}; train first (or pass --watch to wait for one)")
   job = Job(_WORKDIR.value, config, scales, templates)
   if _ALL_STEPS.value or _WATCH.value:
-    _watch(job)
+    inference.follow_checkpoints(_WORKDIR.value, config.num_train_steps, is_done=job.is_done,
+                                 evaluate=lambda step: _evaluate_unless_gone(job, step), follow=_WATCH.value,
+                                 poll_seconds=_POLL_SECONDS.value, timeout=_WATCH_TIMEOUT.value)
   else:
     job.evaluate(_STEP.value)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -140,6 +141,29 @@ def checkpoint_steps(path: str) -> list[int]:
     return list(checkpointer.all_steps())
   finally:
     checkpointer.close()
+
+
+def follow_checkpoints(path: str, final_step: int, *, is_done: Callable[[int], bool],
+                       evaluate: Callable[[int], Any], follow: bool, poll_seconds: float, timeout: float,
+                       sleep: Callable[[float], None] = time.sleep) -> list[int]:
+  """Calls `evaluate(step)` for each checkpoint of `path` that is not `is_done`, oldest first; with
+  `follow`, keeps looking every `poll_seconds` for new ones (a running training) until `final_step` is
+  done or `timeout` seconds pass without a new checkpoint. Returns the steps evaluated (or tried), in order."""
+  evaluated, last_new = [], time.monotonic()
+  while True:
+    for step in [s for s in checkpoint_steps(path) if s not in evaluated and not is_done(s)]:
+      evaluate(step)  # Each step once: one that fails (damaged) is not retried at every look.
+      evaluated.append(step)
+      last_new = time.monotonic()
+    if final_step in evaluated or is_done(final_step):
+      logging.info("The run's last step (%d) is evaluated; done.", final_step)
+      return evaluated
+    if not follow or is_export(path):  # An export never changes.
+      return evaluated
+    if time.monotonic() - last_new > timeout:
+      logging.warning("No new checkpoint for %.0f s; stopping.", timeout)
+      return evaluated
+    sleep(poll_seconds)
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:

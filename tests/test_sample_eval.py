@@ -199,3 +199,22 @@ def test_training_evaluates_sample_quality_periodically(data_dir, tmp_path):
   for row in evaluated.values():
     assert np.isfinite(row["sample_eval/fd/template_0/guidance_1"])
     assert 0 <= row["sample_eval/accuracy/template_0/guidance_3"] <= 1
+
+
+def test_follow_checkpoints_evaluates_each_new_checkpoint_until_the_last_step(monkeypatch, tmp_path):
+  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
+  listings = iter([[10], [10], [10, 20], [20, 30], [20, 30]])  # Training writes 20, 30; rotation drops 10.
+  monkeypatch.setattr(inference, "checkpoint_steps", lambda path: next(listings))
+  done, sleeps = set(), []
+  evaluated = inference.follow_checkpoints(str(tmp_path), 30, is_done=done.__contains__, evaluate=done.add,
+                                           follow=True, poll_seconds=7, timeout=1e9, sleep=sleeps.append)
+  assert evaluated == [10, 20, 30] and sleeps == [7, 7, 7]
+
+  # Without --watch: one pass. A run that stops writing: the timeout ends the wait.
+  monkeypatch.setattr(inference, "checkpoint_steps", lambda path: [10])
+  assert inference.follow_checkpoints(str(tmp_path), 30, is_done=lambda s: False, evaluate=lambda s: None,
+                                      follow=False, poll_seconds=0, timeout=0) == [10]
+  damaged = []  # A step whose evaluation fails every time is tried once, not at every look.
+  assert inference.follow_checkpoints(str(tmp_path), 30, is_done=lambda s: False, evaluate=damaged.append,
+                                      follow=True, poll_seconds=0, timeout=0.05, sleep=lambda s: None) == [10]
+  assert damaged == [10]

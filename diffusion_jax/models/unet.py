@@ -1,10 +1,17 @@
-"""The U-Net (DDPM / Stable Diffusion layout), conditioned by cross-attention and/or a pooled embedding.
+"""The U-Net of DDPM, ADM and Stable Diffusion, conditioned by cross-attention and/or a pooled embedding.
 
-Per resolution level: `num_res_blocks` ResBlocks, each followed by `transformer_depth[level]`
-transformer blocks (self-attention, cross-attention to the text tokens if the model has text, GEGLU
-feed-forward), then a
-stride-2 downsample. The middle is ResBlock → transformer → ResBlock; the way up mirrors the way
-down with skip connections (one more ResBlock per level) and nearest-neighbour upsampling.
+Per resolution level: `num_res_blocks` ResBlocks, each followed by `transformer_depth[level]` attention
+blocks, then a downsample. The middle is ResBlock → attention → ResBlock; the way up mirrors the way
+down with skip connections (one more ResBlock per level) and upsampling. The options select the papers'
+variants:
+- attention_type 'transformer' (Stable Diffusion's SpatialTransformer: LN → self-attention, LN →
+  cross-attention to the text tokens if any, LN → GEGLU feed-forward) or 'self' (DDPM's / ADM's
+  AttentionBlock: GN → q, k, v with bias → attention → output projection; no cross-attention);
+- heads: a fixed number (`num_heads`: DDPM 1, SD 1.x 8) or a fixed width (`head_dim`: ADM, SD 2.x 64);
+- scale_shift_norm (ADM's AdaGN: the timestep embedding scales and shifts the second norm);
+- resblock_updown (ADM / BigGAN: resolution changes inside a ResBlock, not by a strided / upsampling conv);
+- pooled_projection: whether a pooled condition (class embedding, pooled text) is added to the
+  timestep embedding (SD's U-Net has none).
 """
 
 from __future__ import annotations
@@ -25,21 +32,45 @@ REMAT_POLICIES = {
 }
 
 
+def _resample(x: jax.Array, direction: str) -> jax.Array:
+  """'up': nearest-neighbour ×2; 'down': 2×2 average pool; '': unchanged. [B, H, W, C] → [B, H', W', C]."""
+  if direction == "up":
+    b, h, w, c = x.shape
+    return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+  if direction == "down":
+    return nn.avg_pool(x, (2, 2), (2, 2))
+  return x
+
+
 class ResBlock(nn.Module):
-  """GN → SiLU → conv, + timestep embedding, GN → SiLU → dropout → conv (zero-init), + skip."""
+  """GN → SiLU → conv, + timestep embedding, GN → SiLU → dropout → conv (zero-init), + skip.
+
+  scale_shift_norm (ADM's AdaGN): the embedding gives (scale, shift) and the second norm's output
+  becomes GN(h)·(1 + scale) + shift instead of h + embedding. resample 'up' / 'down' (ADM's
+  resblock_updown): both paths change resolution after the first GN → SiLU, before the first conv.
+  """
 
   out_channels: int
   norm_groups: int
   dropout: float
   dtype: Any = jnp.float32
+  scale_shift_norm: bool = False
+  resample: str = ""
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     h = nn.silu(layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_1")(x))
+    h, x = _resample(h, self.resample), _resample(x, self.resample)
     h = layers.conv(self.out_channels, dtype=self.dtype, name="conv_1")(h)
-    h = h + layers.dense(self.out_channels, ("embed", "conv_out"), dtype=self.dtype,
-                         name="time_proj")(nn.silu(temb))[:, None, None, :]
-    h = nn.silu(layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_2")(h))
+    emb_width = 2 * self.out_channels if self.scale_shift_norm else self.out_channels
+    emb = layers.dense(emb_width, ("embed", "conv_out"), dtype=self.dtype, name="time_proj")(nn.silu(temb))
+    emb = emb[:, None, None, :]
+    if self.scale_shift_norm:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_2")(h) * (1 + scale) + shift
+    else:
+      h = layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_2")(h + emb)
+    h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = layers.conv(self.out_channels, zero_init=True, dtype=self.dtype, name="conv_2")(h)
     if x.shape[-1] != self.out_channels:
@@ -66,6 +97,13 @@ class TransformerBlock(nn.Module):
     return x + layers.dense(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(value * nn.gelu(gate))
 
 
+def _heads(channels: int, num_heads: int, head_dim: int) -> tuple[int, int]:
+  """(heads, head width) of attention over `channels`: `num_heads` fixed if > 0, else width `head_dim`."""
+  if num_heads > 0:
+    return num_heads, channels // num_heads
+  return max(channels // head_dim, 1), head_dim
+
+
 class SpatialTransformer(nn.Module):
   """GN → proj_in → `depth` TransformerBlocks over the H·W tokens → proj_out (zero-init), + input."""
 
@@ -74,6 +112,7 @@ class SpatialTransformer(nn.Module):
   norm_groups: int
   use_linear_projection: bool
   dtype: Any = jnp.float32
+  num_heads: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
@@ -85,11 +124,38 @@ class SpatialTransformer(nn.Module):
     else:
       proj = lambda name, zero: layers.conv(ch, kernel_size=1, zero_init=zero, dtype=self.dtype, name=name)
     h = layers.flatten_spatial(proj("proj_in", False)(h))
+    heads, head_dim = _heads(ch, self.num_heads, self.head_dim)
     for i in range(self.depth):
-      h = TransformerBlock(max(ch // self.head_dim, 1), self.head_dim, self.dtype, name=f"block_{i}")(
-          h, context, context_mask)
+      h = TransformerBlock(heads, head_dim, self.dtype, name=f"block_{i}")(h, context, context_mask)
     h = proj("proj_out", True)(h.reshape(b, hgt, wid, ch))
     return x + h
+
+
+class AttentionBlock(nn.Module):
+  """DDPM's / ADM's self-attention over the H·W positions: GN → q, k, v (with bias) → multi-head
+  attention → output projection (zero-init), + input; `depth` of them in a row. No cross-attention."""
+
+  depth: int
+  head_dim: int
+  norm_groups: int
+  use_linear_projection: bool  # Unused: q, k, v are 1×1 maps either way (the signature of SpatialTransformer).
+  dtype: Any = jnp.float32
+  num_heads: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
+    del context, context_mask
+    b, hgt, wid, ch = x.shape
+    heads, head_dim = _heads(ch, self.num_heads, self.head_dim)
+    for i in range(self.depth):
+      h = layers.flatten_spatial(layers.group_norm(self.norm_groups, dtype=self.dtype, name=f"norm_{i}")(x))
+      split = lambda y: y.reshape(b, hgt * wid, heads, head_dim)
+      q, k, v = (split(layers.dense(heads * head_dim, ("embed", "heads"), dtype=self.dtype, name=f"{n}_{i}")(h))
+                 for n in ("query", "key", "value"))
+      out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, heads * head_dim)
+      out = layers.dense(ch, ("heads", "embed"), zero_init=True, dtype=self.dtype, name=f"out_{i}")(out)
+      x = x + out.reshape(b, hgt, wid, ch)
+    return x
 
 
 class UNet(nn.Module):
@@ -112,6 +178,11 @@ class UNet(nn.Module):
   use_linear_projection: bool
   dtype: Any = jnp.float32
   remat_policy: str = "none"
+  attention_type: str = "transformer"  # 'transformer' (SD) or 'self' (DDPM, ADM); see the module docstring.
+  num_heads: int = 0  # > 0: this many heads at every width; 0: heads of width head_dim.
+  scale_shift_norm: bool = False
+  resblock_updown: bool = False
+  pooled_projection: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
@@ -121,19 +192,20 @@ class UNet(nn.Module):
     temb = layers.sinusoidal_embedding(t, self.channels)
     temb = layers.dense(temb_dim, (None, "mlp"), dtype=self.dtype, name="time_mlp_1")(temb)
     temb = layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="time_mlp_2")(nn.silu(temb))
-    if pooled is not None:  # The pooled condition (text or class embedding); the name predates classes.
+    if pooled is not None and self.pooled_projection:  # The pooled condition (text or class embedding).
       temb = temb + layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="pooled_text_proj")(pooled)
     if context is not None:
       context = context.astype(self.dtype)
 
-    res_block, transformer = ResBlock, SpatialTransformer
+    res_block, transformer = ResBlock, ATTENTION_TYPES[self.attention_type]
     if self.remat_policy != "none":  # Recompute block activations in the backward pass.
       policy = REMAT_POLICIES[self.remat_policy]
       res_block = nn.remat(ResBlock, static_argnums=(3,), policy=policy)  # `train` (self is 0).
-      transformer = nn.remat(SpatialTransformer, policy=policy)
-    res = lambda ch, name: res_block(ch, self.norm_groups, self.dropout, self.dtype, name=name)
-    attn = lambda depth, name: transformer(depth, self.head_dim, self.norm_groups,
-                                           self.use_linear_projection, self.dtype, name=name)
+      transformer = nn.remat(transformer, policy=policy)
+    res = lambda ch, name, resample="": res_block(ch, self.norm_groups, self.dropout, self.dtype,
+                                                  self.scale_shift_norm, resample, name=name)
+    attn = lambda depth, name: transformer(depth, self.head_dim, self.norm_groups, self.use_linear_projection,
+                                           self.dtype, self.num_heads, name=name)
     h = layers.conv(self.channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     h = nn.with_logical_constraint(h, ("batch", None, None, "conv_out"))
     skips = [h]
@@ -145,7 +217,10 @@ class UNet(nn.Module):
           h = attn(self.transformer_depth[level], f"down_{level}_attn_{i}")(h, context, context_mask)
         skips.append(h)
       if level != last:
-        h = layers.conv(h.shape[-1], strides=2, dtype=self.dtype, name=f"down_{level}_downsample")(h)
+        if self.resblock_updown:
+          h = res(h.shape[-1], f"down_{level}_downsample", "down")(h, temb, train)
+        else:
+          h = layers.conv(h.shape[-1], strides=2, dtype=self.dtype, name=f"down_{level}_downsample")(h)
         skips.append(h)
 
     h = res(h.shape[-1], "mid_res_1")(h, temb, train)
@@ -160,10 +235,14 @@ class UNet(nn.Module):
         if self.transformer_depth[level]:
           h = attn(self.transformer_depth[level], f"up_{level}_attn_{i}")(h, context, context_mask)
       if level != 0:
-        b, hgt, wid, ch = h.shape
-        h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, ch), method="nearest")
-        h = layers.conv(ch, dtype=self.dtype, name=f"up_{level}_upsample")(h)
+        if self.resblock_updown:
+          h = res(h.shape[-1], f"up_{level}_upsample", "up")(h, temb, train)
+        else:
+          h = layers.conv(h.shape[-1], dtype=self.dtype, name=f"up_{level}_upsample")(_resample(h, "up"))
 
     h = nn.silu(layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
     out = layers.conv(self.out_channels, zero_init=True, dtype=self.dtype, name="conv_out")(h)
     return out.astype(jnp.float32)
+
+
+ATTENTION_TYPES = {"transformer": SpatialTransformer, "self": AttentionBlock}
