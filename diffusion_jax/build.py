@@ -74,7 +74,9 @@ def create_model(config, dataset: registry.DatasetSpec | None = None,
   latent_shape = autoencoder.latent_shape((config.dataset.image_size, config.dataset.image_size,
                                            config.dataset.channels))
   un = config.model.unet
-  unet = UNet(latent_shape[-1], un.channels, tuple(un.channel_mult), un.num_res_blocks,
+  # A learned-variance model (improved DDPM) outputs the prediction's C channels and C variance values.
+  out_channels = latent_shape[-1] * (2 if config.diffusion.learn_sigma else 1)
+  unet = UNet(out_channels, un.channels, tuple(un.channel_mult), un.num_res_blocks,
               tuple(un.transformer_depth), un.mid_transformer_depth, un.head_dim, un.norm_groups,
               un.dropout, un.use_linear_projection, dtype, config.model.remat_policy,
               attention_type=un.attention_type, num_heads=un.num_heads, scale_shift_norm=un.scale_shift_norm,

@@ -103,6 +103,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.diffusion.loss_weighting = "uniform"  # "uniform" or "min_snr" (Hang et al. 2023).
   c.diffusion.min_snr_gamma = 5.0
   c.diffusion.p_uncond = 0.1  # Probability of replacing a caption by the empty prompt.
+  # Improved DDPM (Nichol & Dhariwal 2021): the U-Net also outputs the reverse variance (2·C channels,
+  # log Σ between log β̃_t and log β_t, eq. 15), trained by L_hybrid = L_simple + λ·L_vlb (eq. 16) with
+  # λ = vlb_weight; DDPM sampling and the NLL then use the learned variance.
+  c.diffusion.learn_sigma = False
+  c.diffusion.vlb_weight = 0.001  # λ (the paper's 0.001); only used with learn_sigma.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
@@ -223,6 +228,7 @@ NUMERIC_RANGES = {
     "optimizer.ema_decay": (0.0, 1.0, False, False),
     "diffusion.p_uncond": (0.0, 1.0, False, False),
     "diffusion.min_snr_gamma": (0.0, None, True, False),
+    "diffusion.vlb_weight": (0.0, None, False, False),
     "model.unet.dropout": (0.0, 1.0, False, True),
     "sampling.eta": (0.0, 1.0, False, False),
     "sampling.guidance_rescale": (0.0, 1.0, False, False),
@@ -336,6 +342,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")
   for key, (lo, hi, lo_open, hi_open) in NUMERIC_RANGES.items():
     _check_range(key, given[key], lo, hi, lo_open=lo_open, hi_open=hi_open)
+  if not isinstance(config.diffusion.learn_sigma, bool):
+    raise UserError(f"config.diffusion.learn_sigma={config.diffusion.learn_sigma!r} must be True or False")
   if config.diffusion.zero_terminal_snr and config.diffusion.prediction_type == "eps":
     raise UserError("config.diffusion.zero_terminal_snr=True needs prediction_type 'v' or 'x0': ε "
                     "prediction cannot recover x0 where alphas_cumprod is 0")

@@ -34,7 +34,7 @@ from absl import flags, logging
 
 from diffusion_jax import cli, generation, images, inference, paths, run_files
 from diffusion_jax.data import registry
-from diffusion_jax.diffusion import samplers, vlb
+from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import UserError
 from diffusion_jax.metrics import features as features_lib
 from diffusion_jax.metrics import sample_eval, sample_quality, sweep_plot
@@ -69,8 +69,9 @@ _MAX_FEATURES = flags.DEFINE_integer("max_features", 10_000, "KID and precision/
                                      "samples and real images.")
 _NLL_TIMESTEPS = flags.DEFINE_integer("nll_timesteps", 100, "Timesteps sampled per batch for the NLL "
                                       "bound (unbiased estimate), at most T; 0 = all T (exact in t); -1 = skip NLL.")
-_NLL_VARIANCE = flags.DEFINE_enum("nll_variance", "fixed_large", list(vlb.MODEL_VARIANCES),
-                                  "Fixed reverse-process variance for the NLL bound.")
+_NLL_VARIANCE = flags.DEFINE_enum("nll_variance", "auto", list(sample_quality.NLL_VARIANCES),
+                                  "Reverse-process variance for the NLL bound: 'auto' = the run's own ('learned' "
+                                  "for diffusion.learn_sigma runs, else 'fixed_large'), or one named.")
 _OUT = flags.DEFINE_string("out", None, "Metrics JSON to write (an existing directory gets <step>.json inside); "
                            "default: <workdir>/eval/<step>.json.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing metrics file instead of adding to it "
@@ -139,7 +140,9 @@ class Job:
     reference = _REFERENCE_STATS.value or f"{self.run.dataset.name}/{self.run.dataset.train_split}"
     self.fixed_settings = dict(num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value, steps=_STEPS.value,
                                seed=_SEED.value, feature_network=network, reference=reference,
-                               nll_timesteps=_NLL_TIMESTEPS.value, nll_variance=_NLL_VARIANCE.value)
+                               nll_timesteps=_NLL_TIMESTEPS.value,
+                               # Recorded resolved ('auto' → the run's own), and refused before any work.
+                               nll_variance=sample_quality.resolve_model_variance(config, _NLL_VARIANCE.value))
     self.network_name = network
     self.evaluator = None  # Built at the first checkpoint that needs it (loads weights, reference statistics).
 
@@ -198,7 +201,7 @@ class Job:
     if _NLL_TIMESTEPS.value >= 0:
       metrics.update(sample_quality.nll_bits_per_dim(
           inference.LoadedModel(self.run, params, step), num_timesteps=_NLL_TIMESTEPS.value or None,
-          model_variance=_NLL_VARIANCE.value, seed=_SEED.value))
+          model_variance=self.fixed_settings["nll_variance"], seed=_SEED.value))
     record = run_files.merge_records(old or {}, {**self.settings_record(step), **metrics})
     if jax.process_index() == 0:
       self._write(step, record, results, metrics)

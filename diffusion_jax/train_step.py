@@ -24,7 +24,8 @@ from diffusion_jax.parallel import mesh as mesh_lib
 
 def example_losses(model: DiffusionModel, params: Any, inputs: dict[str, Any], schedule: schedules.NoiseSchedule,
                    config, *, train: bool = False, dropout_rng: jax.Array | None = None) -> jax.Array:
-  """The training objective per example: float32 [B].
+  """The training objective per example: float32 [B] (L_simple, or improved DDPM's L_hybrid with
+  diffusion.learn_sigma; see `losses.per_example_loss`).
 
   inputs: {'x0' [B, H, W, C] in model space, 'cond' (conditioning inputs), 't' int32 [B], 'noise' [B, H, W, C]}.
   The one place the loss is called (the train step and the held-out eval_loss).
@@ -33,7 +34,8 @@ def example_losses(model: DiffusionModel, params: Any, inputs: dict[str, Any], s
   predict = lambda x_t, t: model.apply({"params": params}, x_t, t, inputs["cond"], train=train, rngs=rngs)
   return losses.per_example_loss(predict, inputs["x0"], inputs["t"], inputs["noise"], schedule,
                                  config.diffusion.prediction_type, weighting=config.diffusion.loss_weighting,
-                                 min_snr_gamma=config.diffusion.min_snr_gamma)
+                                 min_snr_gamma=config.diffusion.min_snr_gamma,
+                                 learn_sigma=config.diffusion.learn_sigma, vlb_weight=config.diffusion.vlb_weight)
 
 
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, model: DiffusionModel,

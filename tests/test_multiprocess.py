@@ -26,14 +26,18 @@ ARGS = ["--config=configs/smoke.py", "--config.num_train_steps=6", "--config.log
         "--config.sampling.num_steps=3"]
 
 
-def _losses(workdir):
+def _rows(workdir):
+  """The complete rows of metrics.jsonl (a running job may be half-way through writing the last one)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def _losses(workdir):
+  return [r["loss"] for r in _rows(workdir) if "loss" in r]
 
 
 def _sample_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {k: v for r in map(json.loads, f) for k, v in r.items() if k.startswith("sample_eval/")}
+  return {k: v for r in _rows(workdir) for k, v in r.items() if k.startswith("sample_eval/")}
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from diffusion_jax import build, generation
+from diffusion_jax import build
 from diffusion_jax.errors import UserError
 from diffusion_jax.metrics import features, fid, sample_eval
 from tests.conftest import tiny_config
@@ -150,6 +150,7 @@ def test_evaluate_all_steps_writes_records_grids_plot_and_tensorboard(twenty_ste
 
 
 def test_evaluate_refuses_bad_inputs_in_one_line(twenty_steps, tmp_path):
+  """(Unparsable scales and other flag errors: test_cli_outputs.py; bad weight files: test_inception.py.)"""
   config, workdir, _ = twenty_steps
   small = ("diffusion_jax.evaluate", f"--workdir={workdir}", "--num_samples=8", "--steps=2", "--nll_timesteps=-1",
            f"--out={tmp_path / 'metrics'}/")
@@ -157,11 +158,8 @@ def test_evaluate_refuses_bad_inputs_in_one_line(twenty_steps, tmp_path):
   fid.save_stats(str(wrong_dim), np.zeros(2048), np.eye(2048))
   cases = [
       (("--reference_stats=" + str(wrong_dim),), ("stats_2048.npz", "2048", str(features.get("digits").dim))),
-      (("--reference_stats=" + str(tmp_path / "missing.npz"),), ("missing.npz",)),
       (("--feature_network=inception",), ("--inception_weights=PATH", "pt_inception-2015-12-05")),
       (("--feature_network=inception", f"--inception_weights={tmp_path / 'nope.pth'}"), ("nope.pth",)),
-      (("--feature_network=bogus",), ("bogus", "inception, digits")),
-      (("--guidance_scales=1,three",), ("--guidance_scales=1,three", "does not parse")),
   ]
   for args, fragments in cases:
     _assert_one_line_error(*_run(*small, *args)[::2], *fragments)
@@ -218,3 +216,12 @@ def test_follow_checkpoints_evaluates_each_new_checkpoint_until_the_last_step(mo
   assert inference.follow_checkpoints(str(tmp_path), 30, is_done=lambda s: False, evaluate=damaged.append,
                                       follow=True, poll_seconds=0, timeout=0.05, sleep=lambda s: None) == [10]
   assert damaged == [10]
+
+
+def test_unknown_feature_networks_and_unreadable_images_are_refused():
+  with pytest.raises(UserError, match=r"unknown feature network 'bogus'; choose one of inception, digits"):
+    features.get("bogus")
+  with pytest.raises(UserError, match=r"reads 8×8×1 images; these are \(32, 32, 3\)"):
+    features.check_images("digits", (32, 32, 3))
+  with pytest.raises(UserError, match="grey or RGB"):
+    features.check_images("inception", (8, 8, 4))

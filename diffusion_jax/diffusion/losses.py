@@ -1,4 +1,10 @@
-"""Forward process q(x_t | x_0), model parameterizations (ε, v, x0) and the training loss."""
+"""Forward process q(x_t | x_0), model parameterizations (ε, v, x0) and the training loss.
+
+A model that learns its reverse-process variance (improved DDPM, Nichol & Dhariwal 2021, §3.1) outputs
+2·C channels: the C channels of the prediction (ε, v or x0), then C raw values v that interpolate the
+log-variance between log β̃_t and log β_t (`vlb.learned_log_variance`, eq. 15). It is trained with
+L_hybrid = L_simple + λ·L_vlb (eq. 16), the variance learning only from L_vlb (`hybrid_loss_terms`).
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,22 @@ def prediction_target(prediction_type: str, x0: jax.Array, noise: jax.Array,
     a = _bcast(alpha_bar, x0)
     return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
   raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
+
+
+def split_output(output: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """(prediction, variance values v or None) of a network output on x [B, …, C].
+
+  output [B, …, C]: a fixed-variance model; (output, None).
+  output [B, …, 2·C]: a learned-variance model (improved DDPM); (output[…, :C], output[…, C:]).
+  The channel count is static, so under jit this is decided at trace time.
+  """
+  channels = x.shape[-1]
+  if output.shape[-1] == channels:
+    return output, None
+  if output.shape[-1] == 2 * channels:
+    return output[..., :channels], output[..., channels:]
+  raise ValueError(f"model output has {output.shape[-1]} channels; expected {channels} (the prediction) or "
+                   f"{2 * channels} (prediction and learned variance) for inputs of {channels} channels")
 
 
 def to_eps_and_x0(prediction_type: str, output: jax.Array, x_t: jax.Array,
@@ -83,12 +105,50 @@ def draw_timesteps_and_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int) 
   return t, jax.random.normal(noise_rng, x0.shape, x0.dtype)
 
 
+def hybrid_loss_terms(output: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, noise: jax.Array,
+                      schedule: NoiseSchedule, prediction_type: str, *, weighting: str = "uniform",
+                      min_snr_gamma: float = 5.0) -> tuple[jax.Array, jax.Array]:
+  """The two parts of improved DDPM's L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021, eq. 16): [B] each.
+
+  output: the learned-variance network's 2·C channels on (x_t, t); x0, x_t, noise: [B, …, C] (x0 uint8
+  data scaled to [-1, 1]); t: [B] int32.
+  L_simple = w_t·||target − prediction||² averaged over pixels (the weighting of `loss_weight`).
+  L_vlb = T·L_t in bits/dim, the single-t Monte-Carlo estimate of Σ_t L_t (eq. 4–6): L_t =
+  KL(q(x_{t−1} | x_t, x_0) ‖ p(x_{t−1} | x_t)) for t ≥ 1 and the discretized decoder's −log p(x_0 | x_1)
+  at t = 0 (`vlb.vlb_terms` with model_variance='learned'). The prediction enters L_vlb through a stop-
+  gradient (§3.1: "we apply a stop-gradient to the μ_θ(x_t, t) output for the L_vlb term"), so the mean
+  learns only from L_simple and the variance only from L_vlb.
+  """
+  from diffusion_jax.diffusion import vlb  # pylint: disable=g-import-not-at-top  (vlb imports this module)
+  prediction, var_values = split_output(output.astype(jnp.float32), x0)
+  if var_values is None:
+    raise ValueError(f"the hybrid loss needs a learned-variance output of {2 * x0.shape[-1]} channels "
+                     f"(prediction and variance); got {output.shape[-1]}")
+  alpha_bar = schedule.alphas_cumprod[t]
+  target = prediction_target(prediction_type, x0, noise, alpha_bar)
+  mse = jnp.mean((prediction - target) ** 2, axis=tuple(range(1, x0.ndim)))
+  l_simple = loss_weight(weighting, prediction_type, alpha_bar, min_snr_gamma) * mse
+  frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_values], axis=-1)
+  l_t = vlb.vlb_terms(frozen, x0, x_t, t, schedule, prediction_type, "learned", clip_x0=False)
+  return l_simple, schedule.num_timesteps * l_t
+
+
 def per_example_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, t: jax.Array,
                      noise: jax.Array, schedule: NoiseSchedule, prediction_type: str, *,
-                     weighting: str = "uniform", min_snr_gamma: float = 5.0) -> jax.Array:
-  """w_t·||target − f(x_t, t)||² averaged over pixels: [B]. x0, noise: [B, H, W, C]; t: [B]."""
+                     weighting: str = "uniform", min_snr_gamma: float = 5.0, learn_sigma: bool = False,
+                     vlb_weight: float = 0.001) -> jax.Array:
+  """The training loss per example: [B]. x0, noise: [B, H, W, C]; t: [B].
+
+  learn_sigma=False: w_t·||target − f(x_t, t)||² averaged over pixels (DDPM's L_simple, weighted).
+  learn_sigma=True: f outputs 2·C channels and the loss is L_hybrid = L_simple + λ·L_vlb with
+  λ = `vlb_weight` (improved DDPM eq. 16, λ = 0.001; see `hybrid_loss_terms`).
+  """
   alpha_bar = schedule.alphas_cumprod[t]
   x_t = q_sample(x0, alpha_bar, noise)
+  if learn_sigma:
+    l_simple, l_vlb = hybrid_loss_terms(predict_fn(x_t, t), x0, x_t, t, noise, schedule, prediction_type,
+                                        weighting=weighting, min_snr_gamma=min_snr_gamma)
+    return l_simple + vlb_weight * l_vlb
   target = prediction_target(prediction_type, x0, noise, alpha_bar)
   mse = jnp.mean((predict_fn(x_t, t).astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
   return loss_weight(weighting, prediction_type, alpha_bar, min_snr_gamma) * mse
@@ -96,12 +156,14 @@ def per_example_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0
 
 def diffusion_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
                    schedule: NoiseSchedule, prediction_type: str, rng: jax.Array, *,
-                   weighting: str = "uniform", min_snr_gamma: float = 5.0) -> jax.Array:
-  """Monte-Carlo estimate of E_{t, ε} w_t·||target − f(x_t, t)||², one (t, ε) per example.
+                   weighting: str = "uniform", min_snr_gamma: float = 5.0, learn_sigma: bool = False,
+                   vlb_weight: float = 0.001) -> jax.Array:
+  """Monte-Carlo estimate of the training loss (`per_example_loss`), one (t, ε) per example.
 
-  predict_fn(x_t [B, H, W, C], t [B] int32) → [B, H, W, C]. x0: [B, H, W, C] in [-1, 1].
-  Returns the scalar mean over batch and pixels.
+  predict_fn(x_t [B, H, W, C], t [B] int32) → [B, H, W, C] (or [B, H, W, 2·C] with learn_sigma).
+  x0: [B, H, W, C] in [-1, 1]. Returns the scalar mean over batch and pixels.
   """
   t, noise = draw_timesteps_and_noise(rng, x0, schedule.num_timesteps)
   return jnp.mean(per_example_loss(predict_fn, x0, t, noise, schedule, prediction_type,
-                                   weighting=weighting, min_snr_gamma=min_snr_gamma))
+                                   weighting=weighting, min_snr_gamma=min_snr_gamma, learn_sigma=learn_sigma,
+                                   vlb_weight=vlb_weight))

@@ -1,4 +1,4 @@
-"""The variational bound on −log p(x_0) in bits per dimension, for models with a fixed variance.
+"""The variational bound on −log p(x_0) in bits per dimension, for fixed or learned reverse variances.
 
 DDPM (Ho et al. 2020, eq. 5): L = L_T + Σ_{t>1} L_{t−1} + L_0 with
   L_T     = KL(q(x_T | x_0) ‖ N(0, I)),
@@ -10,6 +10,9 @@ paper's step t is index t − 1, and index 0's "previous" state is the data (ᾱ
 is the decoder L_0; term index t ≥ 1 is the paper's L_t, a KL. Everything is in nats internally; the
 public bounds are in bits per dimension (nats averaged over all non-batch dims, divided by ln 2),
 for data that was uint8 and is scaled to [-1, 1] (256 bins of width 2/255).
+
+The reverse variance σ_t² is fixed (β̃_t or β_t, DDPM §3.2) or learned (improved DDPM eq. 15: the
+network's extra C output channels interpolate log σ_t² between log β̃_t and log β_t).
 
 The bookkeeping follows improved DDPM (Nichol & Dhariwal 2021) and its reference code
 (improved-diffusion: `normal_kl`, `discretized_gaussian_log_likelihood`, `_vb_terms_bpd`,
@@ -25,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
-from diffusion_jax.diffusion.losses import _bcast, q_sample, to_eps_and_x0
+from diffusion_jax.diffusion.losses import _bcast, q_sample, split_output, to_eps_and_x0
 from diffusion_jax.diffusion.schedules import NoiseSchedule
 
-MODEL_VARIANCES = ("fixed_small", "fixed_large")
+MODEL_VARIANCES = ("fixed_small", "fixed_large", "learned")
 _LN2 = float(np.log(2.0))
 _BIN_HALF_WIDTH = 1.0 / 255.0  # [-1, 1] cut into 256 bins of width 2/255, centred on the uint8 values.
 
@@ -108,24 +111,53 @@ def q_posterior_mean_variance(schedule: NoiseSchedule, x0: jax.Array, x_t: jax.A
   return mean, _bcast(variance[t], x_t), _bcast(log_variance[t], x_t)
 
 
+def interpolate_log_variance(var_values: jax.Array, log_beta: jax.Array, log_beta_tilde: jax.Array) -> jax.Array:
+  """Improved DDPM eq. 15 in log space: log Σ = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2.
+
+  v is the network's raw output (guided-diffusion's "learned_range"): v = 1 gives β_t, v = −1 gives β̃_t,
+  v = 0 their geometric mean; values outside [-1, 1] extrapolate. Arguments broadcast.
+  """
+  frac = (var_values + 1.0) / 2.0
+  return frac * log_beta + (1.0 - frac) * log_beta_tilde
+
+
+def learned_log_variance(schedule: NoiseSchedule, var_values: jax.Array, t: jax.Array) -> jax.Array:
+  """log σ_t² of a learned-variance model: eq. 15 between log β̃_t (clipped: log β̃_1 at t = 0, since
+  β̃_0 = 0) and log β_t, as guided-diffusion does. var_values: [B, …] raw network outputs; t: [B] int32.
+  Returns [B, …]."""
+  _, _, _, log_beta_tilde = _posterior_coefficients(schedule)
+  return interpolate_log_variance(var_values, _bcast(jnp.log(schedule.betas)[t], var_values),
+                                  _bcast(log_beta_tilde[t], var_values))
+
+
 def p_mean_variance(model_output: jax.Array, x_t: jax.Array, t: jax.Array, schedule: NoiseSchedule,
                     prediction_type: str, model_variance: str, clip_x0: bool = False
                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The model's p(x_{t−1} | x_t) = N(μ̃_t(x̂_0, x_t), σ_t²·I) with a fixed σ_t² (DDPM §3.2).
+  """The model's p(x_{t−1} | x_t) = N(μ̃_t(x̂_0, x_t), σ_t²·I) (DDPM §3.2, improved DDPM §3.1).
 
-  x̂_0 comes from the network output via `to_eps_and_x0` (for ε-prediction the mean is then DDPM
-  eq. 11), optionally clipped to [-1, 1]. σ_t² is β̃_t ("fixed_small") or β_t ("fixed_large"); both
-  use β̃_1 at t = 0 for the log variance, and fixed_large also for the variance (improved-diffusion's
-  convention; fixed_small's variance there is β̃_0 = 0).
-  model_output, x_t: [B, …]; t: [B] int32. Returns mean, x̂_0 [B, …], variance, log variance [B, 1, …].
+  x̂_0 comes from the network's prediction channels via `to_eps_and_x0` (for ε-prediction the mean is
+  then DDPM eq. 11), optionally clipped to [-1, 1]. σ_t² is β̃_t ("fixed_small"), β_t ("fixed_large") or
+  learned ("learned": `learned_log_variance` of the output's last C channels, improved DDPM eq. 15).
+  The fixed ones use β̃_1 at t = 0 for the log variance, and fixed_large also for the variance
+  (improved-diffusion's convention; fixed_small's variance there is β̃_0 = 0).
+  model_output: [B, …, C], or [B, …, 2·C] for a learned-variance model (a fixed variance then reads only
+  its first C channels); x_t: [B, …, C]; t: [B] int32. Returns mean, x̂_0 [B, …], variance, log variance
+  ([B, 1, …] for a fixed variance, [B, …] for the learned one).
   """
   if model_variance not in MODEL_VARIANCES:
     raise ValueError(f"model_variance={model_variance!r}; choose one of {MODEL_VARIANCES}")
-  _, x0_hat = to_eps_and_x0(prediction_type, model_output, x_t, schedule.alphas_cumprod[t])
+  prediction, var_values = split_output(model_output, x_t)
+  if model_variance == "learned" and var_values is None:
+    raise ValueError(f"model_variance='learned' reads the variance channels of a learned-variance model, whose "
+                     f"output has 2·C = {2 * x_t.shape[-1]} channels; this output has {model_output.shape[-1]}")
+  _, x0_hat = to_eps_and_x0(prediction_type, prediction, x_t, schedule.alphas_cumprod[t])
   if clip_x0:
     x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
   mean, variance, log_variance = q_posterior_mean_variance(schedule, x0_hat, x_t, t)
-  if model_variance == "fixed_large":
+  if model_variance == "learned":
+    log_variance = learned_log_variance(schedule, var_values, t)
+    variance = jnp.exp(log_variance)
+  elif model_variance == "fixed_large":
     _, _, posterior_variance, _ = _posterior_coefficients(schedule)
     large = schedule.betas.at[0].set(posterior_variance[1])
     variance, log_variance = _bcast(large[t], x_t), _bcast(jnp.log(large)[t], x_t)
@@ -139,7 +171,8 @@ def vlb_terms(model_output: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Arr
 
   t ≥ 1: KL(q(x_{t−1} | x_t, x_0) ‖ p(x_{t−1} | x_t)) (the paper's L_t); t = 0: the decoder's
   −log p(x_0 | x_t) with the model mean and scale e^(½·log σ_0²) (L_0). x0 is the clean data, x_t
-  its noised version at t ([B] int32), model_output the network's output on (x_t, t).
+  its noised version at t ([B] int32), model_output the network's output on (x_t, t) (C channels, or
+  2·C for a learned-variance model; see `p_mean_variance`).
   """
   true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, x_t, t)
   mean, _, log_variance, _ = p_mean_variance(model_output, x_t, t, schedule, prediction_type,
@@ -163,7 +196,8 @@ def bits_per_dim(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: ja
                  clip_x0: bool = False) -> jax.Array:
   """The variational bound L_T + Σ_t L_t in bits/dim, one number per example: [B].
 
-  predict_fn(x_t [B, …], t [B] int32) → output [B, …] in `prediction_type`'s parameterization.
+  predict_fn(x_t [B, …], t [B] int32) → output [B, …] in `prediction_type`'s parameterization (with
+  the learned variance's C channels after the prediction's for model_variance='learned').
   x0: [B, …] uint8 data scaled to [-1, 1].
 
   num_timesteps=None: every term t = 0 … T−1 (one `lax.scan`, one network call per t). Term t uses

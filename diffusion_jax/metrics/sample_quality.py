@@ -8,19 +8,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import vlb
+from diffusion_jax.errors import UserError
 from diffusion_jax.inference import LoadedModel
+
+# The NLL's reverse variance: the run's own ('learned' if it learns Σ, else 'fixed_large'), or a named one.
+NLL_VARIANCES = ("auto",) + vlb.MODEL_VARIANCES
+
+
+def resolve_model_variance(config, model_variance: str = "auto") -> str:
+  """'auto' → 'learned' for a run with diffusion.learn_sigma (improved DDPM), else 'fixed_large' (DDPM's
+  CIFAR-10 choice); a named variance is checked against the run (only a learned-Σ run has 'learned')."""
+  if model_variance not in NLL_VARIANCES:
+    raise UserError(f"NLL model variance {model_variance!r} is not allowed; choose one of {list(NLL_VARIANCES)}")
+  learns = bool(config.diffusion.learn_sigma)
+  if model_variance == "auto":
+    return "learned" if learns else "fixed_large"
+  if model_variance == "learned" and not learns:
+    raise UserError("NLL model variance 'learned' needs a run trained with diffusion.learn_sigma=True; this "
+                    "run's variance is fixed: use 'fixed_large', 'fixed_small' or 'auto'")
+  return model_variance
 
 
 def nll_bits_per_dim(loaded: LoadedModel, *, split: str | None = None, num_timesteps: int | None = 100,
-                     model_variance: str = "fixed_large", seed: int = 0) -> dict[str, float]:
+                     model_variance: str = "auto", seed: int = 0) -> dict[str, float]:
   """Negative log-likelihood bound (DDPM's L_vlb) in bits/dim over `split` (default: the dataset's eval
   split), conditioned on each example's caption or label for conditional models.
 
   num_timesteps=None sums all T terms (exact in t, T network calls per image); K < T gives an unbiased
-  estimate from K random timesteps per batch. Returns {'nll_bits_per_dim', 'nll_num_images'}.
+  estimate from K random timesteps per batch. model_variance: see `resolve_model_variance` (a learned-Σ
+  run uses its own variance by default). Returns {'nll_bits_per_dim', 'nll_num_images'}.
   """
   from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (grain/TFDS)
   run, config = loaded.run, loaded.config
+  model_variance = resolve_model_variance(config, model_variance)
   keys = tuple(run.conditioning.input_keys)
 
   @jax.jit
