@@ -6,6 +6,8 @@ import errno
 import os
 import tempfile
 
+import numpy as np
+
 from diffusion_jax.errors import UserError
 
 
@@ -27,6 +29,28 @@ def ensure_writable_dir(path: str, what: str) -> str:
     raise UserError(f"{what} {path!r} is not writable ({describe_os_error(exc)}); "
                     f"choose a writable directory or fix its permissions or free space") from exc
   return path
+
+
+def write_npz_atomic(path: str, arrays: dict) -> None:
+  """Writes `arrays` ({name: array}) as the .npz `path`: a unique temporary file in the same directory
+  (created if needed), flushed to disk, then renamed over `path`, so readers and concurrent writers see
+  the old file or the whole new one, never part of one. The file gets ordinary permissions (umask)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600).
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from diffusion_jax.data.builders import digits
+from diffusion_jax import paths
 from diffusion_jax.errors import UserError
 from diffusion_jax.metrics.features import fingerprint  # pylint: disable=unused-import  (this network's key)
 
@@ -191,16 +192,9 @@ def _write_cache(path: str, variables: Variables, accuracy: float, data_hash: st
             for key, leaf in traverse_util.flatten_dict(jax.device_get(variables), sep="/").items()}
   arrays.update(recipe_version=np.asarray(RECIPE_VERSION, np.int64), data_hash=np.asarray(data_hash),
                 test_accuracy=np.asarray(accuracy, np.float64))
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
   try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    paths.write_npz_atomic(path, arrays)
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise UserError(f"cannot write the digit feature cache {path!r} ({e.strerror or e}); remove it or "
                     f"pass another cache directory") from e
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import warnings
 import zipfile
 from typing import Any, Mapping
@@ -24,6 +23,7 @@ from absl import logging
 import numpy as np
 from scipy import linalg
 
+from diffusion_jax import paths
 from diffusion_jax.errors import UserError
 
 _METADATA_TYPES = (str, int, float, bool)
@@ -350,19 +350,7 @@ def save_stats(path: str, mu, sigma, *, features=None, **metadata) -> None:
       raise UserError(f"save_stats: metadata {key}={value!r} must be a str, int, float or bool, "
                       f"got {type(value).__name__}")
     arrays[key] = np.asarray(value)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  paths.write_npz_atomic(path, arrays)
 
 
 def load_stats(path: str, *, dim: int | None = None) -> ReferenceStats:

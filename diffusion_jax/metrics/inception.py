@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import zipfile
 from typing import Any
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import paths
 from diffusion_jax.errors import UserError
 from diffusion_jax.metrics import torch_checkpoint
 
@@ -372,21 +372,7 @@ def flax_to_torch(variables: dict) -> dict[str, np.ndarray]:
 def save_variables(path: str, variables: dict) -> None:
   """Writes `variables` to the .npz `path` ('params/Mixed_5b/branch1x1/conv/kernel', … keys), atomically."""
   flat = {"/".join(k): np.asarray(v) for k, v in _flatten(variables).items()}
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); the weights are an ordinary file
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never a partial one
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  paths.write_npz_atomic(path, flat)
 
 
 def _is_npz(path: str) -> bool:
