@@ -11,6 +11,11 @@ the periodic evaluation during training should cost about its sampling.
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ import each other.
+
 import json
 import statistics
 import time

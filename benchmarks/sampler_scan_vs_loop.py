@@ -10,6 +10,11 @@ Reports compile time and steady-state time per sampler step for each, and their 
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ import each other.
+
 import json
 import statistics
 import time

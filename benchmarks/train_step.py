@@ -10,6 +10,11 @@ outputs + temporaries − aliased donations), so it does not depend on timing no
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ import each other.
+
 import json
 import time
 
