@@ -89,7 +89,7 @@ def main(argv):
     carry = carry0
     for xs in per_step:
       carry = step_compiled(params, cond, uncond, scale, carry, xs)
-    return run.autoencoder.decode(carry[0])  # As the scan sampler's output.
+    return run.autoencoder.decode(params, carry[0])  # As the scan sampler's output.
 
   loop_time = _time(run_loop, _REPEATS.value)
   result = {

@@ -43,7 +43,7 @@ class Run:
   optimizer: optax.GradientTransformation
   schedule: schedules.NoiseSchedule
   conditioning: Any  # conditioning.TextConditioning | ClassConditioning | NoConditioning
-  autoencoder: autoencoder_lib.PixelSpace
+  autoencoder: autoencoder_lib.PixelSpace | autoencoder_lib.LatentSpace
 
   def create_state(self, rng: Any) -> tuple[Any, Any]:
     """(a fresh TrainState initialized directly in its sharded layout on this run's mesh, its shardings)."""
@@ -66,10 +66,11 @@ def create_conditioning(config, dataset: registry.DatasetSpec):
 
 
 def create_model(config, dataset: registry.DatasetSpec | None = None,
-                 autoencoder: autoencoder_lib.PixelSpace | None = None) -> DiffusionModel:
+                 autoencoder: autoencoder_lib.PixelSpace | autoencoder_lib.LatentSpace | None = None
+                 ) -> DiffusionModel:
   """The network from `config.model` (+ `config.text` for text, the dataset's classes for class models)."""
   dataset = dataset or registry.get(config.dataset.name)
-  autoencoder = autoencoder or autoencoder_lib.create(config.model.autoencoder)
+  autoencoder = autoencoder or autoencoder_lib.create(config)
   dtype = jnp.dtype(config.model.dtype)
   latent_shape = autoencoder.latent_shape((config.dataset.image_size, config.dataset.image_size,
                                            config.dataset.channels))
@@ -88,7 +89,10 @@ def create_model(config, dataset: registry.DatasetSpec | None = None,
                                te.mlp_ratio, dtype, name="text_encoder")
   elif config.model.conditioning == "class":
     class_embedding = ClassEmbedding(dataset.num_classes, config.model.class_embedding_width, name="class_embedding")
-  return DiffusionModel(unet, tuple(latent_shape), text_encoder, class_embedding)
+  # A latent autoencoder's weights ride in the train state as a frozen subtree (never trained).
+  frozen = ("autoencoder",) if autoencoder.module is not None else ()
+  return DiffusionModel(unet, tuple(latent_shape), text_encoder, class_embedding, frozen_subtrees=frozen,
+                        autoencoder=autoencoder.module)
 
 
 def build(config, *, mesh_shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None) -> Run:
@@ -96,7 +100,7 @@ def build(config, *, mesh_shape: Sequence[int] | None = None, devices: Sequence[
   (inference uses a data-parallel mesh of the local devices, whatever the training mesh was)."""
   config_lib.validate(config)
   dataset = registry.get(config.dataset.name)
-  autoencoder = autoencoder_lib.create(config.model.autoencoder)
+  autoencoder = autoencoder_lib.create(config)
   model = create_model(config, dataset, autoencoder)
   mesh = mesh_lib.create_mesh(config.mesh.shape if mesh_shape is None else mesh_shape, devices)
   return Run(config=config, dataset=dataset, mesh=mesh, rules=mesh_lib.logical_rules(config), model=model,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -72,8 +73,18 @@ def get_default_config() -> ml_collections.ConfigDict:
   # What the model is conditioned on: "text" (prompts, jointly trained text encoder), "class" (labels of
   # the dataset's classes, with a null label for guidance) or "none" (unconditional).
   c.model.conditioning = "text"
-  c.model.class_embedding_width = 128  # Class models: width of the label embedding.
-  c.model.autoencoder = "pixels"  # The space the diffusion runs in: "pixels" (identity); latents later.
+  # Class models: width of the label embedding (4·unet.channels when unet.pooled_projection is False:
+  # the embedding is then added to the timestep embedding as is, as in ADM).
+  c.model.class_embedding_width = 128
+  # The space the diffusion runs in: "pixels" (identity) or "kl" (Stable Diffusion's AutoencoderKL latents,
+  # frozen; model.vae below).
+  c.model.autoencoder = "pixels"
+  c.model.vae = ml_collections.ConfigDict()  # AutoencoderKL; the defaults are SD 1.x / 2.x's "kl-f8".
+  c.model.vae.block_channels = (128, 256, 512, 512)  # Per level; downsampling factor 2^(levels - 1).
+  c.model.vae.layers_per_block = 2
+  c.model.vae.latent_channels = 4
+  c.model.vae.norm_groups = 32
+  c.model.vae.scale_factor = 0.18215  # Latents are multiplied by this (about unit variance for SD's VAE).
   c.model.text_encoder = ml_collections.ConfigDict()
   c.model.text_encoder.width = 64
   c.model.text_encoder.depth = 2
@@ -93,7 +104,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.unet.num_heads = 0  # > 0: this many heads at every width (DDPM 1, SD 1.x 8); 0: width head_dim.
   c.model.unet.scale_shift_norm = False  # ADM's AdaGN: the timestep embedding scales and shifts the norm.
   c.model.unet.resblock_updown = False  # ADM / BigGAN: resample inside ResBlocks, not by (strided) convs.
-  c.model.unet.pooled_projection = True  # Add the pooled condition to the timestep embedding (SD: False).
+  # A linear map of the pooled condition (text or class) added to the timestep embedding. False: class
+  # embeddings are added as is (ADM), pooled text is not used (SD has cross-attention only).
+  c.model.unet.pooled_projection = True
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -261,9 +274,13 @@ def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
                     f"transformer_depth={tuple(unet.transformer_depth)}, mid_transformer_depth="
                     f"{unet.mid_transformer_depth} >= 0")
   levels = len(unet.channel_mult)
-  if config.dataset.image_size % 2 ** (levels - 1):
-    raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by "
-                    f"2**(levels-1)={2 ** (levels - 1)} for channel_mult={tuple(unet.channel_mult)}")
+  factor = 2 ** (levels - 1)
+  if config.model.autoencoder == "kl":  # The U-Net sees latents of image_size / the VAE's factor.
+    factor *= 2 ** (len(config.model.vae.block_channels) - 1)
+  if config.dataset.image_size % factor:
+    raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by {factor} "
+                    f"(2**(levels-1) for channel_mult={tuple(unet.channel_mult)}, times the autoencoder's "
+                    f"downsampling factor if any)")
   widths = [unet.channels * m for m in unet.channel_mult]
   if unet.num_heads < 0:
     raise UserError(f"config.model.unet.num_heads={unet.num_heads} must be >= 0 (0: heads of width head_dim)")
@@ -284,6 +301,24 @@ def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
   if te.width % te.num_heads:
     raise UserError(f"config.model.text_encoder.num_heads={te.num_heads} does not divide "
                     f"width={te.width}")
+  if config.model.autoencoder == "kl":
+    vae = config.model.vae
+    factor = 2 ** (len(vae.block_channels) - 1)
+    if config.dataset.image_size % factor:
+      raise UserError(f"config.dataset.image_size={config.dataset.image_size} must be divisible by the "
+                      f"autoencoder's downsampling factor {factor} (model.vae.block_channels="
+                      f"{tuple(vae.block_channels)})")
+    bad = [w for w in vae.block_channels if w % vae.norm_groups]
+    if bad or vae.latent_channels < 1 or not vae.scale_factor > 0:
+      raise UserError(f"config.model.vae: norm_groups={vae.norm_groups} must divide every block_channels "
+                      f"{tuple(vae.block_channels)}, latent_channels={vae.latent_channels} must be >= 1 and "
+                      f"scale_factor={vae.scale_factor} > 0")
+  temb_width = 4 * unet.channels
+  if config.model.conditioning == "class" and not unet.pooled_projection and \
+      config.model.class_embedding_width != temb_width:
+    raise UserError(f"config.model.class_embedding_width={config.model.class_embedding_width} must be the "
+                    f"timestep embedding's width 4·unet.channels={temb_width} when unet.pooled_projection=False "
+                    f"(the label embedding is then added without a projection, as in ADM)")
 
 
 def _check_sampling(config: ml_collections.ConfigDict) -> None:
@@ -333,6 +368,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(given) - set(known))
   if unknown:
     raise UserError(f"unknown config key(s) {unknown}; known keys are: {', '.join(sorted(known))}")
+  if not given["dataset.name"]:  # Left empty by configs whose data is the user's choice (sd15_unet).
+    size, channels = given["dataset.image_size"], given["dataset.channels"]
+    raise UserError(f"config.dataset.name is empty: this config needs a dataset of {size}×{size}×{channels} "
+                    f"images; set --config.dataset.name to one of {list(allowed_values()['dataset.name'])} "
+                    f"with that shape, or register yours in diffusion_jax/data/registry.py")
   for key, allowed in allowed_values().items():
     if given[key] not in allowed:
       raise UserError(f"config.{key}={given[key]!r} is not allowed; choose one of {list(allowed)}")
@@ -357,7 +397,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _check_eval(config: ml_collections.ConfigDict) -> None:
   """The periodic evaluation's settings, so that it cannot fail after hours of training."""
-  import os  # pylint: disable=g-import-not-at-top
   ev = config.eval
   if not ev.every_steps:
     return

@@ -45,7 +45,7 @@ def make_sample(model: DiffusionModel, schedule: NoiseSchedule, options: sampler
     x_T = jax.random.normal(noise_rng, (guidance_scale.shape[0],) + tuple(model.latent_shape))
     uncond = encode(null_inputs) if guided else None
     x0 = samplers.sample(denoise, schedule, x_T, encode(inputs), uncond, guidance_scale, sampler_rng, options)
-    return autoencoder.decode(x0)
+    return autoencoder.decode(params, x0)
 
   return sample
 

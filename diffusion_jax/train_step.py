@@ -44,7 +44,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   """One optimizer step on a global batch {'image': uint8 [B, H, W, C], + the conditioning inputs
   ('tokens' int32 [B, L] or 'label' int32 [B])}.
 
-  The images are encoded by `autoencoder` (pixels: mapped to [-1, 1]). The conditioning inputs are
+  The images are encoded by `autoencoder` (pixels: mapped to [-1, 1]; kl: a draw of the latent). The conditioning inputs are
   replaced by `null_inputs` (each leaf [1, …]: the empty prompt, the null label) with probability p_uncond
   (classifier-free guidance training). The loss is the (weighted) MSE of the parameterization's target
   at one random t per example. With gradient_accumulation_steps = k the batch is processed as k
@@ -53,7 +53,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   """
   rng = jax.random.fold_in(state.rng, state.step)
   drop_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-  x0 = autoencoder.encode(batch["image"])
+  # Outside the differentiated loss: a latent autoencoder is frozen (its posterior draw has its own key).
+  x0 = autoencoder.encode(state.params, batch["image"], jax.random.fold_in(rng, 3))
   keep = jax.random.uniform(drop_rng, (x0.shape[0],)) >= config.diffusion.p_uncond
   cond_inputs = {k: batch[k] for k in null_inputs}
   inputs = {"x0": x0, "cond": conditioning_lib.drop_to_null(cond_inputs, null_inputs, keep)}

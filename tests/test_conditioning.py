@@ -159,9 +159,11 @@ for kind in ("text", "class", "none"):
   batch = {"image": jnp.asarray(images), **{k: jnp.asarray(v) for k, v in run.conditioning.inputs_for(requests).items()}}
   state, metrics = train_step.make_train_step(run, shardings)(state, batch)
   assert np.isfinite(float(metrics["loss"]))
-  fn = generation.make_sample_fn(run.model, run.schedule, generation.sampler_options(config, num_steps=2), run.autoencoder)
-  out = generation.generate(fn, state.ema_params, run.conditioning, requests[:2], 3.0, seed=0)
-  assert out.shape == (2, 8, 8, 1)
+  if kind == "text":  # The sampler is the same code for every kind (each kind's sampling: test_sampling).
+    fn = generation.make_sample_fn(run.model, run.schedule, generation.sampler_options(config, num_steps=2),
+                                   run.autoencoder)
+    out = generation.generate(fn, state.ema_params, run.conditioning, requests[:2], 3.0, seed=0)
+    assert out.shape == (2, 8, 8, 1)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded
 print("OK")

@@ -54,7 +54,7 @@ def _assert_same_batches(a, b):
 
 
 def test_registry_lookup():
-  assert registry.names() == ("cifar10", "digits")
+  assert registry.names() == ("cifar10", "digits", "imagenet_resized/64x64")
   digits, cifar10 = registry.get("digits"), registry.get("cifar10")
   assert (digits.image_shape, digits.num_classes, digits.has_captions) == ((8, 8, 1), 10, True)
   assert (cifar10.image_shape, cifar10.num_classes, cifar10.has_captions) == ((32, 32, 3), 10, False)

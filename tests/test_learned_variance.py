@@ -486,7 +486,7 @@ def test_a_learned_sigma_model_trains(config, monkeypatch):
   nll = {v: sample_quality.nll_bits_per_dim(loaded, num_timesteps=4, model_variance=v)["nll_bits_per_dim"]
          for v in ("auto", "learned", "fixed_large")}
   predict = lambda x_t, t: run.model.apply({"params": state.params}, x_t, t, {"tokens": jnp.asarray(first["tokens"])})
-  direct = vlb.bits_per_dim(predict, run.autoencoder.encode(jnp.asarray(first["image"])), run.schedule,
+  direct = vlb.bits_per_dim(predict, run.autoencoder.encode(state.params, jnp.asarray(first["image"])), run.schedule,
                             jax.random.fold_in(jax.random.PRNGKey(0), 0), prediction_type="eps",
                             model_variance="learned", num_timesteps=4)
   print("NLL bits/dim after 3 steps:", nll)

@@ -6,13 +6,13 @@ registry imports neither TFDS, TensorFlow nor grain (the model and the train ste
 
 from __future__ import annotations
 
-from diffusion_jax.data import cifar10, digits
+from diffusion_jax.data import cifar10, digits, imagenet64
 from diffusion_jax.data.spec import DatasetSpec
 from diffusion_jax.errors import UserError
 
 __all__ = ["DatasetSpec", "from_config", "get", "names"]
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (digits.SPEC, cifar10.SPEC)}
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (digits.SPEC, cifar10.SPEC, imagenet64.SPEC)}
 
 
 def names() -> tuple[str, ...]:

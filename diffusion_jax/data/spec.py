@@ -17,13 +17,15 @@ class DatasetSpec:
   """One dataset, as the pipeline, the conditioner, sampling and evaluation see it.
 
   Attributes:
-    name: the registry name (`config.dataset.name`), also the TFDS name of its builder.
+    name: the registry name (`config.dataset.name`), also the TFDS name of its builder, with its
+      config if it has one ("imagenet_resized/64x64").
     image_shape: (H, W, C) of the uint8 images.
     class_names: one name per label 0..num_classes-1 (used in captions and grid titles).
     caption_templates: `str.format` templates with the fields {label} (the integer), {class_name} and
       {article} ("a" or "an" before class_name); the first is the canonical caption of a label.
     has_captions: the examples carry a 'caption' text; otherwise captions come from the templates.
-    builder_cls: a function that imports TFDS and returns the builder class (a builder without configs).
+    builder_cls: a function that imports TFDS and returns the builder class.
+    builder_config: the name of the builder's config ('' for builders without configs).
     rebuildable: the builder generates the data locally from what ships with the code, so a damaged
       copy may be set aside and rebuilt; any other dataset is the user's and is only read, never
       downloaded or touched.
@@ -48,6 +50,7 @@ class DatasetSpec:
   builder_cls: Callable[[], Any]
   rebuildable: bool
   random_flip: bool
+  builder_config: str = ""
   train_split: str = "train"
   eval_split: str = "test"
   canonical_labels: tuple[int, ...] = ()
@@ -85,13 +88,19 @@ class DatasetSpec:
 
   def make_builder(self, data_dir: str):
     """The TFDS builder reading (or, if rebuildable, writing) ArrayRecord files under `data_dir`."""
-    return self.builder_cls()(data_dir=data_dir, file_format="array_record")
+    config = {"config": self.builder_config} if self.builder_config else {}
+    return self.builder_cls()(data_dir=data_dir, file_format="array_record", **config)
 
   def dataset_dir(self, data_dir: str) -> str:
-    """Where TFDS keeps the prepared dataset: <data_dir>/<name>/<version>.
+    """Where TFDS keeps the prepared dataset: <data_dir>/<name>[/<config>]/<version>.
 
     Computed from the builder class, without constructing a builder (which reads, and fails on, a
     damaged dataset_info.json there).
     """
     cls = self.builder_cls()
-    return os.path.join(data_dir, cls.name, str(cls.VERSION))
+    return os.path.join(data_dir, cls.name, self.builder_config, str(cls.VERSION))
+
+  @property
+  def file_stem(self) -> str:
+    """The name as a file-name part ('imagenet_resized/64x64' → 'imagenet_resized-64x64')."""
+    return self.name.replace("/", "-")

@@ -58,7 +58,7 @@ def make_held_out_loss(run, examples: dict[str, np.ndarray]) -> Callable[[Any], 
 
   @jax.jit
   def batch_loss(params, batch):
-    inputs = dict(batch, x0=run.autoencoder.encode(batch["image"]))
+    inputs = dict(batch, x0=run.autoencoder.encode(params, batch["image"]))  # Latent models: the mean.
     return train_step_lib.example_losses(run.model, params, inputs, run.schedule, config).mean()
 
   return lambda params: float(np.mean([jax.device_get(batch_loss(params, b)) for b in batches]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Sequence
 
@@ -269,10 +270,9 @@ def reference_statistics(run, featurizer: Featurizer, *, split: str, cache: str,
   """Mean, covariance (all images of `split`) and the first `max_features` features of the real data in
   `featurizer`'s network, computed once per dataset, split and network weights and cached in `cache`
   (an .npz in the layout of published FID statistics, plus 'features')."""
-  import os  # pylint: disable=g-import-not-at-top
   network = featurizer.network
   path = os.path.join(cache, "reference_stats",
-                      f"{run.dataset.name}-{split}-{network.name}-{network.fingerprint}.npz")
+                      f"{run.dataset.file_stem}-{split}-{network.name}-{network.fingerprint}.npz")
   if os.path.exists(path):
     try:
       return fid.load_stats(path, dim=network.dim)

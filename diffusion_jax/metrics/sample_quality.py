@@ -40,13 +40,16 @@ def nll_bits_per_dim(loaded: LoadedModel, *, split: str | None = None, num_times
   """
   from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (grain/TFDS)
   run, config = loaded.run, loaded.config
+  if run.autoencoder.kind != "pixels":
+    raise UserError(f"the NLL bound is in bits per pixel dimension; this model diffuses in "
+                    f"model.autoencoder={run.autoencoder.kind!r} latents, whose bound is not the images' NLL")
   model_variance = resolve_model_variance(config, model_variance)
   keys = tuple(run.conditioning.input_keys)
 
   @jax.jit
   def batch_bpd(images_uint8, inputs, rng):
     predict = lambda x_t, t: run.model.apply({"params": loaded.params}, x_t, t, inputs)
-    return vlb.bits_per_dim(predict, run.autoencoder.encode(images_uint8), run.schedule, rng,
+    return vlb.bits_per_dim(predict, run.autoencoder.encode(loaded.params, images_uint8), run.schedule, rng,
                             prediction_type=config.diffusion.prediction_type, model_variance=model_variance,
                             num_timesteps=num_timesteps)
 

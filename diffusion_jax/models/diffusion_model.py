@@ -1,8 +1,9 @@
 """The network of a diffusion model: an optional conditioner (text encoder or class embedding) and a U-Net.
 
 Parameters: {'unet': …} plus {'text_encoder': …} for text models or {'class_embedding': …} for class
-models. `frozen_subtrees` names the parameter subtrees that do not train (a frozen pretrained text
-encoder, later); the optimizer leaves them unchanged.
+models, and {'autoencoder': …} for latent models. `frozen_subtrees` names the parameter subtrees that do
+not train (the latent autoencoder; a frozen pretrained text encoder, later); the optimizer leaves them
+unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class DiffusionModel(nn.Module):
   text_encoder: TextEncoder | None = None
   class_embedding: ClassEmbedding | None = None
   frozen_subtrees: tuple[str, ...] = ()
+  autoencoder: nn.Module | None = None  # A latent autoencoder (AutoencoderKL); its encode/decode run in the seam.
 
   @property
   def conditioning_kind(self) -> str:
@@ -38,9 +40,12 @@ class DiffusionModel(nn.Module):
 
   def encode_condition(self, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Conditioning inputs → the U-Net's cond: {'context' [B, L, D], 'context_mask' [B, L], 'pooled' [B, D]}
-    for text, {'pooled' [B, D]} for classes, {} for unconditional models."""
+    for text ('pooled' only with the U-Net's pooled projection), {'pooled' [B, D]} for classes, {} for
+    unconditional models."""
     if self.text_encoder is not None:
       context, mask, pooled = self.text_encoder(inputs["tokens"])
+      if not self.unet.pooled_projection:  # Stable Diffusion: cross-attention only.
+        return {"context": context, "context_mask": mask}
       return {"context": context, "context_mask": mask, "pooled": pooled}
     if self.class_embedding is not None:
       return {"pooled": self.class_embedding(inputs["label"])}
@@ -52,6 +57,8 @@ class DiffusionModel(nn.Module):
     return self.unet(x_t, t, cond.get("context"), cond.get("context_mask"), cond.get("pooled"), train)
 
   def __call__(self, x_t: jax.Array, t: jax.Array, inputs: dict[str, jax.Array], train: bool = False) -> jax.Array:
+    if self.autoencoder is not None and self.is_initializing():  # Creates params['autoencoder'].
+      self.autoencoder.encode(self.autoencoder.decode(jnp.zeros_like(x_t[:1])))
     return self.denoise(x_t, t, self.encode_condition(inputs), train=train)
 
   def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:

@@ -44,6 +44,7 @@ class Conv(nn.Module):
   strides: int = 1
   zero_init: bool = False
   dtype: Dtype = jnp.float32
+  padding: tuple[int, int] | None = None  # (before, after) on each spatial axis; None: k // 2 each side.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,22 +59,23 @@ class Conv(nn.Module):
     # with `fsdp` and `tensor` both > 1 it then computes wrong gradients for small spatial sizes
     # (≤ 4×4) and strided convolutions (jax-ml/jax#16894; reproduced with jax 0.10).
     kernel = nn.with_logical_constraint(kernel, (None, None, None, "conv_out"))
-    pad = k // 2
+    pad = (k // 2, k // 2) if self.padding is None else tuple(self.padding)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides),
-        ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        (pad, pad), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias.astype(self.dtype)
 
 
 def conv(features: int, kernel_size: int = 3, *, strides: int = 1, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, name: str | None = None) -> Conv:
+         dtype: Dtype = jnp.float32, padding: tuple[int, int] | None = None, name: str | None = None) -> Conv:
   """A `Conv` layer (kept as a function so call sites read like the `dense` helper)."""
-  return Conv(features, kernel_size, strides, zero_init, dtype, name=name)
+  return Conv(features, kernel_size, strides, zero_init, dtype, padding, name=name)
 
 
-def group_norm(num_groups: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+def group_norm(num_groups: int, *, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.GroupNorm:
   return nn.GroupNorm(
-      num_groups=num_groups, epsilon=1e-5, dtype=dtype, name=name,
+      num_groups=num_groups, epsilon=epsilon, dtype=dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 

@@ -10,8 +10,9 @@ variants:
 - heads: a fixed number (`num_heads`: DDPM 1, SD 1.x 8) or a fixed width (`head_dim`: ADM, SD 2.x 64);
 - scale_shift_norm (ADM's AdaGN: the timestep embedding scales and shifts the second norm);
 - resblock_updown (ADM / BigGAN: resolution changes inside a ResBlock, not by a strided / upsampling conv);
-- pooled_projection: whether a pooled condition (class embedding, pooled text) is added to the
-  timestep embedding (SD's U-Net has none).
+- pooled_projection: a pooled condition (class embedding, pooled text) passes a linear map before it is
+  added to the timestep embedding; without it, a pooled condition must have the embedding's width
+  4·channels and is added as is (ADM's label embedding). SD's U-Net has no pooled input at all.
 """
 
 from __future__ import annotations
@@ -192,8 +193,12 @@ class UNet(nn.Module):
     temb = layers.sinusoidal_embedding(t, self.channels)
     temb = layers.dense(temb_dim, (None, "mlp"), dtype=self.dtype, name="time_mlp_1")(temb)
     temb = layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="time_mlp_2")(nn.silu(temb))
-    if pooled is not None and self.pooled_projection:  # The pooled condition (text or class embedding).
-      temb = temb + layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="pooled_text_proj")(pooled)
+    if pooled is not None:  # The pooled condition (text or class embedding).
+      if self.pooled_projection:
+        temb = temb + layers.dense(temb_dim, ("mlp", "embed"), dtype=self.dtype, name="pooled_text_proj")(pooled)
+      else:  # ADM: the label embedding has the timestep embedding's width and is added as is.
+        layers.check_shape("pooled (added without a projection)", pooled, (temb.shape[0], temb_dim))
+        temb = temb + pooled.astype(temb.dtype)
     if context is not None:
       context = context.astype(self.dtype)
 
