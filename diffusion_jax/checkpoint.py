@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -37,8 +36,9 @@ from diffusion_jax.errors import NonFiniteError, UserError
 BEST_METRICS = {"eval_loss": "min"}
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: paths.PathLike) -> paths.epath.Path:
+  """<workdir>/checkpoints, local or at a URL (orbax reads and writes gs:// itself)."""
+  return paths.resolve(workdir) / "checkpoints"
 
 
 def _bits_sum(array: np.ndarray) -> int:
@@ -170,9 +170,9 @@ class Checkpointer:
   checkpoints with the best `metrics[best_metric]` passed to `save`.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int | None = None, keep_best: int = 0,
+  def __init__(self, workdir: paths.PathLike, *, max_to_keep: int | None = None, keep_best: int = 0,
                best_metric: str = "eval_loss", read_only: bool = False):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.resolve(workdir)
     self._saving_step = None  # The step of the latest save started, committed or not.
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
@@ -187,7 +187,7 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                            item_names=("state", "data", "config", "integrity"))
     except OSError as exc:
-      raise UserError(f"cannot read checkpoints in {checkpoint_dir(workdir)!r}: {exc}") from exc
+      raise UserError(f"cannot read checkpoints in {str(checkpoint_dir(workdir))!r}: {exc}") from exc
 
   @property
   def directory(self) -> str:
@@ -331,7 +331,7 @@ class Checkpointer:
   def refuse_if_only_damaged_remain(self) -> None:
     """A workdir whose every checkpoint was moved aside as damaged does not silently start over."""
     damaged_dir = self._damaged_dir()
-    moved = sorted(os.listdir(damaged_dir)) if os.path.isdir(damaged_dir) else []
+    moved = sorted(p.name for p in damaged_dir.iterdir()) if damaged_dir.is_dir() else []
     if moved and not self.all_steps():
       raise UserError(f"no checkpoint is left in {self.directory}: every one was damaged and moved to "
                       f"{damaged_dir} ({', '.join(moved)}). Restarting would silently begin again at step 0: "
@@ -348,13 +348,12 @@ class Checkpointer:
       raise UserError(f"checkpoint step {step} does not exist in {self.directory}; "
                       f"available steps: {self.all_steps()}")
 
-  def _damaged_dir(self) -> str:
-    return os.path.join(self.workdir, "checkpoints_damaged")
+  def _damaged_dir(self) -> paths.epath.Path:
+    return self.workdir / "checkpoints_damaged"
 
   def _move_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      os.makedirs(self._damaged_dir(), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)),
-                  os.path.join(self._damaged_dir(), f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"))
+      paths.move_tree(self.manager.directory / str(step),
+                      self._damaged_dir() / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
     multihost_utils.sync_global_devices(f"move_aside_checkpoint_{step}")
     self.manager.reload()

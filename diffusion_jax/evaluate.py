@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 from absl import flags, logging
@@ -118,7 +117,7 @@ def _check_counts(num_timesteps: int) -> None:
     raise UserError("--step evaluates one checkpoint; it cannot be combined with --all_steps or --watch")
 
 
-def _check_writable(directory: str) -> None:
+def _check_writable(directory: paths.PathLike) -> None:
   if _OUT.value is not None:
     paths.ensure_writable_dir(directory, "--out directory")
     return
@@ -146,7 +145,7 @@ class Job:
     self.network_name = network
     self.evaluator = None  # Built at the first checkpoint that needs it (loads weights, reference statistics).
 
-  def record_path(self, step: int) -> str:
+  def record_path(self, step: int) -> paths.epath.Path:
     return run_files.metrics_path(self.workdir, _OUT.value, step)
 
   def settings_record(self, step: int) -> dict:
@@ -177,7 +176,7 @@ class Job:
     if changed:
       differences = ", ".join(f"{k} ({old_value!r} there, {new_value!r} now)"
                               for k, (old_value, new_value) in changed.items())
-      raise UserError(f"{path!r} holds metrics of other settings: {differences}; pass the same settings to add "
+      raise UserError(f"{str(path)!r} holds metrics of other settings: {differences}; pass the same settings to add "
                       f"to it, --overwrite to replace it, or --out=PATH to write elsewhere")
     return old
 
@@ -209,12 +208,12 @@ class Job:
 
   def _write(self, step: int, record: dict, results, metrics: dict) -> None:
     path = self.record_path(step)
-    directory = os.path.dirname(path)
+    directory = path.parent
     run_files.write_record(path, record)
     for result in results:
       name = result.setting.name.replace("/", "_") or "samples"
-      images.save_grid(os.path.join(directory, f"{step}_{name}.png"), result.grid, num_rows=result.grid_rows)
-    plot = self._plot_sweep(step, record, os.path.join(directory, f"{step}_sweep.png"))
+      images.save_grid(directory / f"{step}_{name}.png", result.grid, num_rows=result.grid_rows)
+    plot = self._plot_sweep(step, record, directory / f"{step}_sweep.png")
     writer = metric_writers.create_writer(directory)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.flush()
@@ -223,7 +222,7 @@ class Job:
     print(json.dumps(record, indent=2))
     print(f"metrics: {path}" + (f"\nsweep plot: {plot}" if plot else ""))
 
-  def _plot_sweep(self, step: int, record: dict, path: str) -> str | None:
+  def _plot_sweep(self, step: int, record: dict, path: paths.epath.Path) -> paths.epath.Path | None:
     """The sweep of every scale the record holds (this run's and earlier ones'), for the first template."""
     template = self.settings[0].template
     scales = sorted(s for s in _recorded_scales(record, self._fd_name(), template))
@@ -258,7 +257,7 @@ def main(argv):
   dataset = registry.get(config.dataset.name)
   templates = _parse_templates(_TEMPLATES.value, dataset.num_caption_templates)
   _check_counts(config.diffusion.num_timesteps)
-  _check_writable(os.path.dirname(run_files.metrics_path(_WORKDIR.value, _OUT.value, step=0)))
+  _check_writable(run_files.metrics_path(_WORKDIR.value, _OUT.value, step=0).parent)
   steps = inference.checkpoint_steps(_WORKDIR.value)
   if not steps and not _WATCH.value:
     raise UserError(f"no checkpoint in {_WORKDIR.value!r}; train first (or pass --watch to wait for one)")

@@ -12,7 +12,7 @@ import os
 
 from absl import flags, logging
 
-from diffusion_jax import cli, inference
+from diffusion_jax import cli, inference, paths
 from diffusion_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")
@@ -21,18 +21,26 @@ _OUT = flags.DEFINE_string("out", None, "Directory to write the export to (must 
 flags.mark_flags_as_required(["workdir", "out"])
 
 
+def _canonical(path: str) -> str:
+  """A comparable form: symlinks resolved for local paths, the URL without a trailing '/' otherwise."""
+  resolved = paths.resolve(path)
+  return os.path.realpath(resolved) if paths.is_local(resolved) else str(resolved).rstrip("/")
+
+
 def check_out(workdir: str, out: str) -> None:
   """Refuses an --out that would write into the training run: the workdir itself, its checkpoints/ (or a
   directory inside it), or another training workdir. A new subdirectory such as <workdir>/export is fine."""
-  source, target = os.path.realpath(workdir), os.path.realpath(out)
-  checkpoints = os.path.join(source, "checkpoints")
+  source, target = _canonical(workdir), _canonical(out)
+  checkpoints = source + "/checkpoints"
+  suggestion = workdir.rstrip("/") + "/export"
   if target == source:
     raise UserError(f"--out={out!r} is the training workdir itself; export to another directory, "
-                    f"e.g. --out={os.path.join(workdir, 'export')}")
-  if os.path.commonpath([target, checkpoints]) == checkpoints:
+                    f"e.g. --out={suggestion}")
+  if target == checkpoints or target.startswith(checkpoints + "/"):
     raise UserError(f"--out={out!r} writes into the checkpoints directory {checkpoints!r}; export to another "
-                    f"directory, e.g. --out={os.path.join(workdir, 'export')}")
-  if os.path.isfile(os.path.join(target, "config.json")) and os.path.isdir(os.path.join(target, "checkpoints")):
+                    f"directory, e.g. --out={suggestion}")
+  resolved = paths.resolve(out)
+  if (resolved / "config.json").is_file() and (resolved / "checkpoints").is_dir():
     raise UserError(f"--out={out!r} is a training workdir (config.json + checkpoints/); export to another "
                     f"directory")
 

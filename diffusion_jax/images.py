@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from diffusion_jax import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -35,17 +37,15 @@ def make_grid(images: np.ndarray, num_rows: int, upscale: int = 1, pad: int = 1)
   return grid
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 [H, W, 1|3] image; writes to a temporary file first so a crash never leaves half a PNG."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_png(path: paths.PathLike, image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, 1|3] image atomically (a crash never leaves half a PNG), locally or at a URL."""
   image = np.asarray(image)
-  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  tmp = path + ".tmp"
-  pil.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  paths.write_bytes_atomic(path, buffer.getvalue())
 
 
-def save_grid(path: str, images: np.ndarray, num_rows: int) -> np.ndarray:
+def save_grid(path: paths.PathLike, images: np.ndarray, num_rows: int) -> np.ndarray:
   """Writes uint8 images [N, H, W, C] as a PNG grid of `num_rows` rows (small images upscaled to about
   32 pixels, so 8×8 digits stay visible); returns the grid."""
   upscale = max(1, 32 // int(np.asarray(images).shape[1]))

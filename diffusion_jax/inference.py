@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffusion_jax import build, run_files, train_state
+from diffusion_jax import build, paths, run_files, train_state
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.errors import UserError
 
@@ -40,8 +39,12 @@ class LoadedModel:
     return self.run.config
 
 
-def is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, EXPORT_MANIFEST))
+def is_export(path: paths.PathLike) -> bool:
+  return (paths.resolve(path) / EXPORT_MANIFEST).is_file()
+
+
+def _read_manifest(path: paths.PathLike) -> dict[str, Any]:
+  return json.loads((paths.resolve(path) / EXPORT_MANIFEST).read_text(encoding="utf-8"))
 
 
 read_config = run_files.read_config
@@ -62,13 +65,12 @@ def _check_finite(params: Any, where: str) -> None:
                     f"they cannot sample. Use an earlier checkpoint (--step) or retrain")
 
 
-def _load_export(path: str, step: int | None, abstract_params: Any) -> tuple[Any, int]:
-  with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
-    manifest = json.load(f)
+def _load_export(path: paths.PathLike, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+  manifest = _read_manifest(path)
   if step is not None and step != manifest["step"]:
     raise UserError(f"{path!r} is an export of step {manifest['step']}; --step={step} does not exist there")
   try:
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), abstract_params)
+    params = ocp.StandardCheckpointer().restore(paths.resolve(path) / "params", abstract_params)
     ok = fingerprint(params) == manifest["params_fingerprint"]
   except Exception as exc:  # pylint: disable=broad-except  (unreadable files: the same answer)
     raise UserError(f"the parameters in {path!r} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): "
@@ -134,8 +136,7 @@ def load_params(run: build.Run, path: str, step: int | None = None) -> tuple[Any
 def checkpoint_steps(path: str) -> list[int]:
   """The steps `path` holds: its checkpoints' (a workdir) or the exported step (an export)."""
   if is_export(path):
-    with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
-      return [json.load(f)["step"]]
+    return [_read_manifest(path)["step"]]
   checkpointer = Checkpointer(path, read_only=True)
   try:
     return list(checkpointer.all_steps())
@@ -166,21 +167,20 @@ def follow_checkpoints(path: str, final_step: int, *, is_done: Callable[[int], b
     sleep(poll_seconds)
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
+def export(workdir: paths.PathLike, out: paths.PathLike, step: int | None = None) -> paths.epath.Path:
   """Writes the EMA parameters of `workdir`'s checkpoint `step` (default: the latest) to `out`."""
   loaded = load(workdir, step)
-  out = os.path.abspath(out)
-  if os.path.exists(os.path.join(out, "params")):
-    raise UserError(f"{out!r} already holds an export; choose another --out or remove it")
-  os.makedirs(out, exist_ok=True)
+  out = paths.resolve(out)
+  if (out / "params").exists():
+    raise UserError(f"{str(out)!r} already holds an export; choose another --out or remove it")
+  out.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out, "params"), loaded.params)
+  checkpointer.save(out / "params", loaded.params)
   checkpointer.wait_until_finished()
   run_files.write_config(loaded.config, out)
-  manifest = {"step": loaded.step, "source": os.path.abspath(workdir),
+  manifest = {"step": loaded.step, "source": str(paths.resolve(workdir)),
               "num_params": train_state.param_count(loaded.params),
               "params_fingerprint": fingerprint(loaded.params)}
   # The manifest comes last: a directory without it is not (yet) an export.
-  with open(os.path.join(out, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
+  paths.write_text_atomic(out / EXPORT_MANIFEST, json.dumps(manifest, indent=1))
   return out

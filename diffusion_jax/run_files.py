@@ -17,34 +17,32 @@ from typing import Any
 from absl import logging
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import paths
 from diffusion_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 
 
-def write_config(config, directory: str) -> None:
+def write_config(config, directory: paths.PathLike) -> None:
   """Writes directory/config.json atomically: a reader sees the old file or the new one, never half."""
-  path = os.path.join(directory, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(config))
-  os.replace(tmp, path)
+  paths.write_text_atomic(paths.resolve(directory) / CONFIG_FILE, config_lib.to_json(config))
 
 
-def read_config(path: str):
+def read_config(path: paths.PathLike):
   """The config of a training workdir or an exported directory, merged onto today's defaults."""
-  if not os.path.exists(path):
-    raise UserError(f"{path!r} does not exist; pass the --workdir of a training run or an exported directory")
-  if not os.path.isdir(path):
-    raise UserError(f"{path!r} is not a directory; pass the --workdir of a training run or an exported directory")
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise UserError(f"{config_path!r} does not exist; is {path!r} a training workdir or an exported directory?")
+  resolved, shown = paths.resolve(path), os.fspath(path)
+  if not resolved.exists():
+    raise UserError(f"{shown!r} does not exist; pass the --workdir of a training run or an exported directory")
+  if not resolved.is_dir():
+    raise UserError(f"{shown!r} is not a directory; pass the --workdir of a training run or an exported directory")
+  config_path = resolved / CONFIG_FILE
+  if not config_path.is_file():
+    raise UserError(f"{str(config_path)!r} does not exist; is {shown!r} a training workdir or an exported "
+                    f"directory?")
   try:
-    with open(config_path, encoding="utf-8") as f:
-      return config_lib.with_defaults(config_lib.from_json(f.read()))
+    return config_lib.with_defaults(config_lib.from_json(config_path.read_text(encoding="utf-8")))
   except (OSError, ValueError) as exc:
-    raise UserError(f"cannot read {config_path!r}: {exc}") from exc
+    raise UserError(f"cannot read {str(config_path)!r}: {exc}") from exc
 
 
 # Keys that may change between a run and its resumption: they change logging, the mesh, memory use or
@@ -65,12 +63,12 @@ def _same_value(a: Any, b: Any) -> bool:
   return a == b
 
 
-def check_resumable(config, workdir: str) -> None:
+def check_resumable(config, workdir: paths.PathLike) -> None:
   """Raises UserError when `workdir` holds checkpoints of a run whose config differs from `config` in
   keys that would make the resumed run silently different (model, data, optimizer, diffusion, seed)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isfile(path) or not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+  resolved = paths.resolve(workdir)
+  checkpoints = resolved / "checkpoints"
+  if not (resolved / CONFIG_FILE).is_file() or not checkpoints.is_dir() or not any(checkpoints.iterdir()):
     return
   old = config_lib.flatten(read_config(workdir))
   new = config_lib.flatten(config)
@@ -116,32 +114,30 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   return {**settings, **{k: v for k, v in merged.items() if k not in settings}}
 
 
-def metrics_path(workdir: str, out: str | None, step: int) -> str:
+def metrics_path(workdir: paths.PathLike, out: str | None, step: int) -> paths.epath.Path:
   """--out (an existing directory, or a path ending in '/', gets <step>.json inside) or <workdir>/eval/<step>.json."""
   if out is None:
-    return os.path.join(os.path.abspath(workdir), "eval", f"{step}.json")
-  if os.path.isdir(out) or out.endswith(os.sep):
-    return os.path.join(os.path.abspath(out), f"{step}.json")
-  return os.path.abspath(out)
+    return paths.resolve(workdir) / "eval" / f"{step}.json"
+  if out.endswith(("/", os.sep)) or paths.resolve(out).is_dir():
+    return paths.resolve(out) / f"{step}.json"
+  return paths.resolve(out)
 
 
-def read_record(path: str) -> dict[str, Any] | None:
+def read_record(path: paths.PathLike) -> dict[str, Any] | None:
   """The metrics record at `path`, or None if there is none."""
-  if not os.path.exists(path):
+  path = paths.resolve(path)
+  if not path.exists():
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(record, dict):
       raise ValueError("not a JSON object")
   except (OSError, ValueError) as exc:
-    raise UserError(f"cannot read the metrics in {path!r} ({exc}); pass --overwrite to replace them "
+    raise UserError(f"cannot read the metrics in {str(path)!r} ({exc}); pass --overwrite to replace them "
                     f"or --out=PATH to write elsewhere") from exc
   return record
 
 
-def write_record(path: str, record: dict[str, Any]) -> None:
+def write_record(path: paths.PathLike, record: dict[str, Any]) -> None:
   """Writes `record` to `path` atomically: a reader sees the old file or the new one, never half of one."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + ".tmp", path)
+  paths.write_text_atomic(path, json.dumps(record, indent=2))

@@ -48,17 +48,16 @@ _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz (`.npz` is appende
 flags.mark_flags_as_required(["workdir"])
 
 
-def output_paths(out: str) -> tuple[str, str]:
-  """(samples .npz, PNG grid) for --out: an existing directory (or a path ending in '/') gets samples.npz
-  inside, a path without the .npz suffix gets it appended (as np.savez would); absolute paths."""
+def output_paths(out: str) -> tuple[paths.epath.Path, paths.epath.Path]:
+  """(samples .npz, PNG grid) for --out (a local path or a URL): an existing directory (or a path ending
+  in '/') gets samples.npz inside, a path without the .npz suffix gets it appended (as np.savez would)."""
   if not out:
     raise UserError("--out is empty; give a .npz path or a directory")
-  if os.path.isdir(out) or out.endswith(os.sep):
-    out = os.path.join(out, "samples.npz")
-  elif not out.endswith(".npz"):
-    out += ".npz"
-  out = os.path.abspath(out)
-  return out, out[:-len(".npz")] + ".png"
+  if out.endswith(("/", os.sep)) or paths.resolve(out).is_dir():
+    npz = paths.resolve(out) / "samples.npz"
+  else:
+    npz = paths.resolve(out if out.endswith(".npz") else out + ".npz")
+  return npz, npz.with_suffix(".png")
 
 
 def requests_from_flags(config) -> list:
@@ -100,7 +99,7 @@ def main(argv):
   config = inference.read_config(_WORKDIR.value)
   rows = requests_from_flags(config)
   out, png = output_paths(_OUT.value)
-  paths.ensure_writable_dir(os.path.dirname(out), "--out directory")
+  paths.ensure_writable_dir(out.parent, "--out directory")
   interval = None
   if _INTERVAL.value is not None:
     try:
@@ -131,8 +130,8 @@ def main(argv):
     fields["prompts"] = np.asarray(requests)
   elif run.conditioning.kind == "class":
     fields["labels"] = np.asarray(requests, np.int64)
-  np.savez(out, images=images, guidance_scale=np.float32(scale), seed=np.int64(_SEED.value),
-           step=np.int64(loaded.step), **fields)
+  paths.write_npz_atomic(out, dict(images=images, guidance_scale=np.float32(scale), seed=np.int64(_SEED.value),
+                                   step=np.int64(loaded.step), **fields))
   num_rows = len(rows) if len(rows) > 1 else max(1, int(math.sqrt(len(images))))
   images_lib.save_grid(png, images, num_rows=num_rows)
   logging.info("Wrote %d samples of checkpoint step %d to %s and the grid (one row per %s) to %s",

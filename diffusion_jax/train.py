@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from absl import logging
@@ -23,8 +21,9 @@ from diffusion_jax.parallel import mesh as mesh_lib
 from diffusion_jax.train_step import check_batch_divisibility, global_batch, make_train_step
 
 
-def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
-  """Trains (resuming from the latest good checkpoint in `workdir`), logging, sampling and checkpointing.
+def train_and_evaluate(config, workdir: paths.PathLike) -> train_state.TrainState:
+  """Trains (resuming from the latest good checkpoint in `workdir`, a local path or a URL such as
+  gs://bucket/run), logging, sampling and checkpointing.
 
   On SIGTERM it saves at the end of the current step and returns; steps with a non-finite loss or
   gradient are skipped, and NonFiniteError stops the run after too many in a row.
@@ -35,7 +34,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
     return _train_and_evaluate(config, workdir, preempt)
 
 
-def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatcher) -> train_state.TrainState:
+def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.PreemptionWatcher) -> train_state.TrainState:
   """train_and_evaluate once the config is valid and this run owns the writable `workdir`."""
   run_files.check_resumable(config, workdir)
   is_main = jax.process_index() == 0
@@ -44,6 +43,7 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
 
   run = build_lib.build(config)
   check_batch_divisibility(config, run.mesh)
+  log_topology(run.mesh, workdir)
   tokenizer = getattr(run.conditioning, "tokenizer", None)
   train_iter = pipeline.create_train_iterator(config, tokenizer=tokenizer)
   batch_keys = ("image",) + tuple(run.conditioning.input_keys)
@@ -102,7 +102,7 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
           images = generation.generate(sample_fn, state.ema_params, run.conditioning, requests,
                                      config.sampling.guidance_scale, config.seed, config.sampling.negative_prompt)
           if is_main:
-            grid = images_lib.save_grid(os.path.join(workdir, "samples", f"step_{step}.png"),
+            grid = images_lib.save_grid(workdir / "samples" / f"step_{step}.png",
                                         images_lib.to_uint8(images), num_rows=len(rows))
             writer.write_images(step, {"samples": grid[None]})
 
@@ -132,6 +132,15 @@ def _train_and_evaluate(config, workdir: str, preempt: preemption.PreemptionWatc
       raise Interrupted(f"interrupted by Ctrl-C; step {step} is saved in {checkpointer.directory}. "
                         f"Run the same command to resume")
   return state
+
+
+def log_topology(mesh, workdir) -> None:
+  """One line at start: processes, devices and the mesh, so a pod job's log says what it ran on."""
+  devices = jax.devices()
+  logging.info("Topology: %d process(es) (this is process %d), %d %s device(s) (%d local), mesh %s; "
+               "workdir %s; process 0 writes logs, images and metrics, every process checkpoints.",
+               jax.process_count(), jax.process_index(), len(devices), devices[0].device_kind,
+               jax.local_device_count(), dict(mesh.shape), workdir)
 
 
 def _create_sample_evaluator(run) -> tuple[sample_eval.SampleEvaluator | None, list[sample_eval.Setting]]:

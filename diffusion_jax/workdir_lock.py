@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffusion_jax import paths
 from diffusion_jax.errors import UserError
 from diffusion_jax.paths import describe_os_error
 
@@ -51,8 +52,8 @@ LOCK_NAME = ".lock"
 UNWRITTEN_GRACE_S = 10.0
 
 
-def lock_path(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), LOCK_NAME)
+def lock_path(workdir: paths.PathLike) -> str:
+  return os.path.join(os.fspath(paths.resolve(workdir)), LOCK_NAME)
 
 
 def read_holder(workdir: str) -> dict | None:
@@ -60,19 +61,27 @@ def read_holder(workdir: str) -> dict | None:
   return _parse(_read(lock_path(workdir))[0])
 
 
-def hold(workdir: str, *, stale_after_s: float = 600, heartbeat_s: float = 60) -> "WorkdirLock":
-  """The context manager that holds `workdir`'s lock; `workdir` must exist. See the module docstring."""
+def hold(workdir: paths.PathLike, *, stale_after_s: float = 600, heartbeat_s: float = 60
+         ) -> "WorkdirLock | contextlib.nullcontext":
+  """The context manager that holds `workdir`'s lock; `workdir` must exist. See the module docstring.
+
+  A URL workdir (gs://) is not locked: object stores have no exclusive create or process IDs to judge
+  staleness by; there the launcher (one job per workdir) keeps runs apart.
+  """
+  if not paths.is_local(paths.resolve(workdir)):
+    logging.info("--workdir %s is not local: no workdir lock (run one training job per workdir).", workdir)
+    return contextlib.nullcontext()
   return WorkdirLock(workdir, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
 
 
 class WorkdirLock:
   """Enter to take the lock (UserError if another live run holds it), exit to release it."""
 
-  def __init__(self, workdir: str, *, stale_after_s: float = 600, heartbeat_s: float = 60):
+  def __init__(self, workdir: paths.PathLike, *, stale_after_s: float = 600, heartbeat_s: float = 60):
     if heartbeat_s <= 0 or stale_after_s <= heartbeat_s:
       raise UserError(f"workdir lock: heartbeat_s={heartbeat_s} and stale_after_s={stale_after_s} must "
                       f"satisfy 0 < heartbeat_s < stale_after_s")
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = os.fspath(paths.resolve(workdir))
     self.path = lock_path(workdir)
     self.token = secrets.token_hex(16)
     self._stale_after_s = stale_after_s

@@ -1,6 +1,8 @@
-"""The README's main job, shortened: train on digits via the CLI, sample with guidance, evaluate.
+"""The README's main job, shortened: train on digits via the CLI, sample with guidance, export, evaluate.
 
-Guided samples must show the prompted digit far above chance (10%) after a few hundred steps.
+Guided samples must show the prompted digit far above chance (10%) after a few hundred steps. The
+workdir is a URL (`fake://bucket/digits`) that the path layer maps onto a local directory (as it would
+map gs:// onto Cloud Storage): every file of the run must land there, and nothing anywhere else.
 """
 
 import json
@@ -15,24 +17,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 600
 
 
-def _run(data_dir, *args):
-  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir)
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+def _env(data_dir, bucket_root):
+  return dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, DIFFUSION_JAX_URL_FAKES=f"fake={bucket_root}",
+              PYTHONPATH=REPO)
+
+
+def _run(env, cwd, *args):
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
 
+def _files(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
 @pytest.mark.slow
 def test_train_sample_evaluate(data_dir, tmp_path):
-  workdir = str(tmp_path / "digits")
-  _run(data_dir, "diffusion_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+  bucket_root, cwd = tmp_path / "fake_bucket", tmp_path / "cwd"
+  cwd.mkdir()
+  env, config = _env(data_dir, bucket_root), os.path.join(REPO, "configs", "digits.py")
+  url, local = "fake://bucket/digits", bucket_root / "bucket" / "digits"
+  _run(env, cwd, "diffusion_jax.main", f"--config={config}", f"--workdir={url}",
        f"--config.num_train_steps={STEPS}", "--config.sample_every_steps=300", "--config.eval.every_steps=0",
        "--config.checkpoint_every_steps=300")
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["300", "600"]
+  assert sorted(os.listdir(local / "checkpoints")) == ["300", "600"]
 
   out = str(tmp_path / "samples.npz")
-  stdout = _run(data_dir, "diffusion_jax.sample", f"--workdir={workdir}", "--prompts=the number seven;3",
+  stdout = _run(env, cwd, "diffusion_jax.sample", f"--workdir={url}", "--prompts=the number seven;3",
                 "--num_per_prompt=4", "--guidance_scale=3", "--steps=20", "--seed=5", f"--out={out}")
   assert f"grid: {out[:-4]}.png" in stdout
   samples = np.load(out)
@@ -41,24 +54,21 @@ def test_train_sample_evaluate(data_dir, tmp_path):
   assert float(samples["guidance_scale"]) == 3.0 and int(samples["seed"]) == 5
 
   # A step that does not exist is a one-line error; an export of the EMA parameters samples the same images.
-  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.sample", f"--workdir={workdir}", "--step=450"],
-                        cwd=REPO, env=dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir), capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.sample", f"--workdir={url}", "--step=450"],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2 and "error: checkpoint step 450 does not exist" in proc.stderr
   assert "available steps: [300, 600]" in proc.stderr
-  exported = str(tmp_path / "export")
-  _run(data_dir, "diffusion_jax.export", f"--workdir={workdir}", f"--out={exported}")
-  assert sorted(os.listdir(exported)) == ["config.json", "export.json", "params"]
-  out_exported = str(tmp_path / "from_export.npz")
-  _run(data_dir, "diffusion_jax.sample", f"--workdir={exported}", "--prompts=the number seven;3",
-       "--num_per_prompt=4", "--guidance_scale=3", "--steps=20", "--seed=5", f"--out={out_exported}")
-  np.testing.assert_array_equal(np.load(out_exported)["images"], samples["images"])
-  assert int(np.load(out_exported)["step"]) == STEPS
+  _run(env, cwd, "diffusion_jax.export", f"--workdir={url}", "--out=fake://bucket/export")
+  assert sorted(os.listdir(bucket_root / "bucket" / "export")) == ["config.json", "export.json", "params"]
+  _run(env, cwd, "diffusion_jax.sample", "--workdir=fake://bucket/export", "--prompts=the number seven;3",
+       "--num_per_prompt=4", "--guidance_scale=3", "--steps=20", "--seed=5", "--out=fake://bucket/from_export")
+  from_export = np.load(bucket_root / "bucket" / "from_export.npz")
+  np.testing.assert_array_equal(from_export["images"], samples["images"])
+  assert int(from_export["step"]) == STEPS
 
-  _run(data_dir, "diffusion_jax.evaluate", f"--workdir={workdir}", "--guidance_scales=1,3",
+  _run(env, cwd, "diffusion_jax.evaluate", f"--workdir={url}", "--guidance_scales=1,3",
        "--num_samples=200", "--steps=25")
-  with open(os.path.join(workdir, "eval", f"{STEPS}.json")) as f:
-    metrics = json.load(f)
+  metrics = json.loads((local / "eval" / f"{STEPS}.json").read_text())
   print(metrics)
   assert metrics["classifier_test_accuracy"] > 0.97
   for metric in ("fd", "kid", "precision", "recall", "is"):  # In the digits features; values: README.
@@ -66,3 +76,16 @@ def test_train_sample_evaluate(data_dir, tmp_path):
   # Measured at 600 steps: 0.925 at guidance 3, 0.63 at guidance 1; chance is 0.10.
   assert metrics["accuracy/template_0/guidance_3"] >= 0.8
   assert metrics["accuracy/template_0/guidance_3"] > metrics["accuracy/template_0/guidance_1"]  # Guidance helps.
+
+  # Every file of the run went through the path layer: all under the fake bucket, none in the working
+  # directory (where a path joined onto the raw URL would land, e.g. as ./fake:/bucket/...).
+  assert os.listdir(cwd) == []
+  files = _files(local)
+  for expected in ("config.json", "metrics.jsonl", "samples/step_300.png", "samples/step_600.png",
+                   f"eval/{STEPS}.json", f"eval/{STEPS}_sweep.png"):
+    assert expected in files, (expected, files)
+  assert any(f.startswith("events.out.tfevents.") for f in files), files  # TensorBoard.
+  assert any(f.startswith(f"eval/{STEPS}_") and f.endswith(".png") and "sweep" not in f for f in files), files
+  assert any(f.startswith("checkpoints/600/state/") for f in files), files
+  assert not any(".tmp" in f for f in files), files  # Atomic writes leave no temporaries.
+  assert sorted(os.listdir(bucket_root / "bucket")) == ["digits", "export", "from_export.npz", "from_export.png"]

@@ -3,13 +3,15 @@ guidance scale (the trade-off curve of classifier-free guidance papers: fidelity
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import numpy as np
 
+from diffusion_jax import paths
 
-def plot_guidance_sweep(path: str, scales: Sequence[float], fd: Sequence[float],
+
+def plot_guidance_sweep(path: paths.PathLike, scales: Sequence[float], fd: Sequence[float],
                         others: dict[str, Sequence[float]], *, fd_name: str = "fd", title: str = "") -> str:
   """Writes one panel per entry of `others` ({'precision': [...], 'recall': [...], ...}, one value per
   scale): x = that metric, y = the Fréchet distance, each point labelled with its scale. Returns `path`."""
@@ -31,9 +33,8 @@ def plot_guidance_sweep(path: str, scales: Sequence[float], fd: Sequence[float],
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
+  paths.write_bytes_atomic(path, buffer.getvalue())
   return path

@@ -27,3 +27,5 @@ def initialize() -> None:
     jax.distributed.initialize()
   logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_index() != 0:  # Process 0 writes the log; the others only warn (N copies help nobody).
+    logging.set_verbosity(logging.WARNING)
