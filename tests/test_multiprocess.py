@@ -47,8 +47,8 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   subprocess.run([sys.executable, "-m", "diffusion_jax.main", f"--workdir={one}", *ARGS], cwd=REPO, env=env,
                  check=True, capture_output=True, timeout=600)
-  proc = subprocess.run(["bash", "launch/local_multiprocess.sh", f"--workdir={two}", *ARGS], cwd=REPO,
-                        env=dict(env, NUM_PROCESSES="2", PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-m", "launch.local", f"--workdir={two}", *ARGS], cwd=REPO,
+                        env=dict(env, NUM_PROCESSES="2"), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "Process 1 of 2" in proc.stderr and "Process 0 of 2" in proc.stderr
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
@@ -75,15 +75,14 @@ def _child_with_process_id(launcher_pid, process_id):
 @pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_all_and_exits_cleanly(data_dir, tmp_path):
   """The preemption notice reaches one process; all processes agree on a step, save it and exit 0."""
-  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", NUM_PROCESSES="2",
-             PYTHON=sys.executable)
+  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", NUM_PROCESSES="2")
   env.pop("XLA_FLAGS", None)
   workdir = str(tmp_path / "preempted")
   args = ["--config=configs/smoke.py", "--config.num_train_steps=400", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=1000", "--config.sample_every_steps=1000",
           "--config.eval_num_examples=16"]
   with open(tmp_path / "log.txt", "w+") as log:
-    launcher = subprocess.Popen(["bash", "launch/local_multiprocess.sh", f"--workdir={workdir}", *args], cwd=REPO,
+    launcher = subprocess.Popen([sys.executable, "-m", "launch.local", f"--workdir={workdir}", *args], cwd=REPO,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or len(_losses(workdir)) < 20:
