@@ -21,6 +21,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax import train_state
 from diffusion_jax.data import registry
 from diffusion_jax.diffusion import schedules
+from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import autoencoder as autoencoder_lib
 from diffusion_jax.models import conditioning as conditioning_lib
 from diffusion_jax.models.conditioning import ClassEmbedding
@@ -77,16 +78,19 @@ def create_model(config, dataset: registry.DatasetSpec | None = None,
   un = config.model.unet
   # A learned-variance model (improved DDPM) outputs the prediction's C channels and C variance values.
   out_channels = latent_shape[-1] * (2 if config.diffusion.learn_sigma else 1)
+  attention = config.model.attention
+  attention_lib.check_available(attention)
   unet = UNet(out_channels, un.channels, tuple(un.channel_mult), un.num_res_blocks,
               tuple(un.transformer_depth), un.mid_transformer_depth, un.head_dim, un.norm_groups,
               un.dropout, un.use_linear_projection, dtype, config.model.remat_policy,
               attention_type=un.attention_type, num_heads=un.num_heads, scale_shift_norm=un.scale_shift_norm,
-              resblock_updown=un.resblock_updown, pooled_projection=un.pooled_projection, name="unet")
+              resblock_updown=un.resblock_updown, pooled_projection=un.pooled_projection, attention=attention,
+              name="unet")
   text_encoder = class_embedding = None
   if config.model.conditioning == "text":
     te = config.model.text_encoder
     text_encoder = TextEncoder(VOCAB_SIZE, config.text.max_length, te.width, te.depth, te.num_heads,
-                               te.mlp_ratio, dtype, name="text_encoder")
+                               te.mlp_ratio, dtype, attention, name="text_encoder")
   elif config.model.conditioning == "class":
     class_embedding = ClassEmbedding(dataset.num_classes, config.model.class_embedding_width, name="class_embedding")
   # A latent autoencoder's weights ride in the train state as a frozen subtree (never trained).

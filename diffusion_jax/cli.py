@@ -10,6 +10,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from diffusion_jax import paths
 from diffusion_jax.errors import Interrupted, UserError
 from diffusion_jax.preemption import EXIT_CODE_INTERRUPTED
 
@@ -18,6 +19,24 @@ from diffusion_jax.preemption import EXIT_CODE_INTERRUPTED
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None, "JAX's persistent compilation cache, so a restarted, resumed or repeated "
+    "job does not compile again (default: $JAX_COMPILATION_CACHE_DIR, else <cache dir>/jax_compilation_cache "
+    "with the cache dir of $DIFFUSION_JAX_CACHE_DIR or ~/.cache/diffusion_jax); an empty value turns it off.")
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+  """Points JAX's persistent compilation cache at `directory` (None: the default above; '': off).
+  Returns the directory used, or None when off. Programs that compile in under a second are not kept."""
+  import jax  # pylint: disable=g-import-not-at-top  (the launchers do not need JAX)
+  if directory is None:
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(paths.cache_dir(), "jax_compilation_cache")
+  if not directory:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
 
 
 def _fail(message: str) -> None:
@@ -121,6 +140,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+      enable_compilation_cache(_COMPILATION_CACHE.value)
       main(argv)
     except UserError as exc:
       _fail(str(exc))

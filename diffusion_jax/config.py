@@ -70,6 +70,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype ("bfloat16" for mixed precision); parameters stay float32.
   c.model.remat_policy = "none"  # Activation checkpointing of U-Net blocks: none, full, dots, dots_no_batch.
+  # The attention kernel (models/attention.py): "auto" (cuDNN flash attention on GPU for bf16/fp16, Pallas
+  # splash attention on TPU, else XLA), "xla", "cudnn" or "splash".
+  c.model.attention = "auto"
   # What the model is conditioned on: "text" (prompts, jointly trained text encoder), "class" (labels of
   # the dataset's classes, with a null label for guidance) or "none" (unconditional).
   c.model.conditioning = "text"
@@ -178,11 +181,12 @@ def allowed_values() -> dict[str, tuple[str, ...]]:
   from diffusion_jax.data import registry
   from diffusion_jax.diffusion import losses, samplers, schedules
   from diffusion_jax.metrics import features
-  from diffusion_jax.models import autoencoder, conditioning, unet
+  from diffusion_jax.models import attention, autoencoder, conditioning, unet
   return {
       "dataset.name": tuple(registry.names()),
       "model.dtype": COMPUTE_DTYPES,
       "model.remat_policy": ("none",) + tuple(unet.REMAT_POLICIES),
+      "model.attention": attention.IMPLEMENTATIONS,
       "model.conditioning": conditioning.KINDS,
       "model.unet.attention_type": tuple(unet.ATTENTION_TYPES),
       "model.autoencoder": autoencoder.KINDS,

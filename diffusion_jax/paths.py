@@ -28,6 +28,14 @@ from diffusion_jax.errors import UserError
 
 PathLike = Union[str, os.PathLike]
 FAKES_ENV = "DIFFUSION_JAX_URL_FAKES"
+CACHE_ENV = "DIFFUSION_JAX_CACHE_DIR"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "diffusion_jax")
+
+
+def cache_dir(path: str = "") -> str:
+  """`path`, else $DIFFUSION_JAX_CACHE_DIR, else ~/.cache/diffusion_jax: this machine's caches (feature
+  networks, reference statistics, compiled programs)."""
+  return os.path.abspath(os.path.expanduser(path or os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE_DIR))
 
 
 def is_url(path: PathLike) -> bool:

@@ -66,3 +66,21 @@ def test_unwritable_directories_are_one_line_errors(fake_bucket, tmp_path):
     paths.ensure_writable_dir(str(blocker / "run"), "--workdir")
   assert paths.ensure_writable_dir("fake://bucket/new", "--workdir") == fake_bucket / "bucket" / "new"
   assert os.listdir(fake_bucket / "bucket" / "new") == []  # The probe is gone.
+
+
+def test_compilation_cache_defaults_under_the_cache_dir_and_turns_off(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import cli  # pylint: disable=g-import-not-at-top
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    assert cli.enable_compilation_cache(None) == str(tmp_path / "cache" / "jax_compilation_cache")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax_compilation_cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_own"))
+    assert cli.enable_compilation_cache(None) == str(tmp_path / "jax_own")
+    assert cli.enable_compilation_cache(str(tmp_path / "flag")) == str(tmp_path / "flag")
+    assert cli.enable_compilation_cache("") is None and not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_enable_compilation_cache", before[1])

@@ -22,17 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax import paths
 from diffusion_jax.errors import UserError
 
 NETWORKS = ("inception", "digits")
-CACHE_ENV = "DIFFUSION_JAX_CACHE_DIR"
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "diffusion_jax")
-
-
-def cache_dir(path: str = "") -> str:
-  """`path`, else $DIFFUSION_JAX_CACHE_DIR, else ~/.cache/diffusion_jax: where trained feature networks
-  and reference statistics of real data are kept."""
-  return os.path.abspath(os.path.expanduser(path or os.environ.get(CACHE_ENV, "") or DEFAULT_CACHE_DIR))
+# Where trained feature networks and reference statistics of real data are kept (the user's cache).
+cache_dir = paths.cache_dir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UserError
+from diffusion_jax.models import attention as attention_lib
 
 Dtype = Any
 
@@ -111,6 +112,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # The kernel: see models/attention.py.
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -121,8 +123,7 @@ class MultiHeadAttention(nn.Module):
     q = split(dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="query")(x))
     k = split(dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="key")(context))
     v = split(dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="value")(context))
-    attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1(heads), 1(T), S]
-    out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)  # [B, T, heads, head_dim]
+    out = attention_lib.dot_product(q, k, v, mask, self.attention)  # [B, T, heads, head_dim]
     out = out.reshape(out.shape[:-2] + (inner,))
     return dense(x.shape[-1], ("heads", "embed"), dtype=self.dtype, name="out")(out)
 

@@ -18,12 +18,13 @@ class EncoderLayer(nn.Module):
   num_heads: int
   mlp_ratio: int
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     width = x.shape[-1]
     h = layers.layer_norm(dtype=self.dtype, name="ln_attn")(x)
-    x = x + layers.MultiHeadAttention(self.num_heads, width // self.num_heads, self.dtype,
+    x = x + layers.MultiHeadAttention(self.num_heads, width // self.num_heads, self.dtype, self.attention,
                                       name="attn")(h, mask=mask)
     h = layers.layer_norm(dtype=self.dtype, name="ln_mlp")(x)
     h = layers.dense(width * self.mlp_ratio, ("embed", "mlp"), dtype=self.dtype, name="mlp_in")(h)
@@ -44,6 +45,7 @@ class TextEncoder(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dtype: Any = jnp.float32
+  attention: str = "xla"  # The kernel: see models/attention.py.
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -56,7 +58,7 @@ class TextEncoder(nn.Module):
     x = (jnp.take(embed, tokens, axis=0) + pos[None]).astype(self.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     for i in range(self.depth):
-      x = EncoderLayer(self.num_heads, self.mlp_ratio, self.dtype, name=f"layer_{i}")(x, mask)
+      x = EncoderLayer(self.num_heads, self.mlp_ratio, self.dtype, self.attention, name=f"layer_{i}")(x, mask)
     x = layers.layer_norm(dtype=self.dtype, name="ln_final")(x)
     weights = mask.astype(x.dtype)[..., None]
     pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)

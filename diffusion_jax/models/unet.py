@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import layers
 
 
@@ -85,11 +86,13 @@ class TransformerBlock(nn.Module):
   num_heads: int
   head_dim: int
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
     width = x.shape[-1]
-    attn = lambda name: layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, name=name)
+    attn = lambda name: layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, self.attention,
+                                                  name=name)
     x = x + attn("self_attn")(layers.layer_norm(dtype=self.dtype, name="ln_self")(x))
     if context is not None:  # Class-conditional and unconditional models have no cross-attention.
       x = x + attn("cross_attn")(layers.layer_norm(dtype=self.dtype, name="ln_cross")(x), context, context_mask)
@@ -114,6 +117,7 @@ class SpatialTransformer(nn.Module):
   use_linear_projection: bool
   dtype: Any = jnp.float32
   num_heads: int = 0
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
@@ -127,7 +131,7 @@ class SpatialTransformer(nn.Module):
     h = layers.flatten_spatial(proj("proj_in", False)(h))
     heads, head_dim = _heads(ch, self.num_heads, self.head_dim)
     for i in range(self.depth):
-      h = TransformerBlock(heads, head_dim, self.dtype, name=f"block_{i}")(h, context, context_mask)
+      h = TransformerBlock(heads, head_dim, self.dtype, self.attention, name=f"block_{i}")(h, context, context_mask)
     h = proj("proj_out", True)(h.reshape(b, hgt, wid, ch))
     return x + h
 
@@ -142,6 +146,7 @@ class AttentionBlock(nn.Module):
   use_linear_projection: bool  # Unused: q, k, v are 1×1 maps either way (the signature of SpatialTransformer).
   dtype: Any = jnp.float32
   num_heads: int = 0
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
@@ -153,7 +158,7 @@ class AttentionBlock(nn.Module):
       split = lambda y: y.reshape(b, hgt * wid, heads, head_dim)
       q, k, v = (split(layers.dense(heads * head_dim, ("embed", "heads"), dtype=self.dtype, name=f"{n}_{i}")(h))
                  for n in ("query", "key", "value"))
-      out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, heads * head_dim)
+      out = attention_lib.dot_product(q, k, v, None, self.attention).reshape(b, hgt * wid, heads * head_dim)
       out = layers.dense(ch, ("heads", "embed"), zero_init=True, dtype=self.dtype, name=f"out_{i}")(out)
       x = x + out.reshape(b, hgt, wid, ch)
     return x
@@ -184,6 +189,7 @@ class UNet(nn.Module):
   scale_shift_norm: bool = False
   resblock_updown: bool = False
   pooled_projection: bool = True
+  attention: str = "xla"  # The attention kernel (models/attention.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
@@ -210,7 +216,7 @@ class UNet(nn.Module):
     res = lambda ch, name, resample="": res_block(ch, self.norm_groups, self.dropout, self.dtype,
                                                   self.scale_shift_norm, resample, name=name)
     attn = lambda depth, name: transformer(depth, self.head_dim, self.norm_groups, self.use_linear_projection,
-                                           self.dtype, self.num_heads, name=name)
+                                           self.dtype, self.num_heads, self.attention, name=name)
     h = layers.conv(self.channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     h = nn.with_logical_constraint(h, ("batch", None, None, "conv_out"))
     skips = [h]

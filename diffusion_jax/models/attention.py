@@ -1,0 +1,117 @@
+"""Scaled dot-product attention with a choice of kernel (`config.model.attention`).
+
+    dot_product(q [B, T, H, D], k [B, S, H, D], v [B, S, H, D], key_mask [B, S] bool | None) → [B, T, H, D]
+
+- `xla`: `jax.nn.dot_product_attention` lowered by XLA; the full [B, H, T, S] score matrix is formed.
+- `cudnn`: cuDNN's fused flash attention (GPU; float16 / bfloat16, head width a multiple of 8 up to 128).
+  It takes no broadcast [B, 1, 1, S] mask: the key mask is passed as per-example key lengths, which is the
+  same mask because the tokenizer pads at the end (the valid keys are a prefix).
+- `splash`: the Pallas TPU splash-attention kernel. Sequences are padded to its 128-token blocks, the key
+  mask becomes segment ids (keys of id 0 are never attended), and under a mesh it runs per device in a
+  shard_map over the batch (data, fsdp) and heads (tensor) axes. Off TPU it runs interpreted (tests only).
+- `auto`: per call, what the backend has and the call fits: cudnn on GPU for 16-bit inputs of a
+  supported head width, splash on TPU, else xla.
+All agree with `xla` to floating-point tolerance (tests/test_attention.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax.errors import UserError
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+_SPLASH_BLOCK = 128
+_MESH_BATCH_AXES, _MESH_HEADS_AXIS = ("data", "fsdp"), "tensor"
+
+
+def check_available(implementation: str) -> None:
+  """A UserError, before any work, for a kernel this machine's backend does not have."""
+  if implementation not in IMPLEMENTATIONS:
+    raise UserError(f"config.model.attention={implementation!r} is not allowed; choose one of {list(IMPLEMENTATIONS)}")
+  backend = jax.default_backend()
+  if implementation == "cudnn" and backend != "gpu":
+    raise UserError(f"config.model.attention='cudnn' needs an NVIDIA GPU; this machine's JAX backend is "
+                    f"{backend!r}: use 'auto' or 'xla'")
+
+
+def _cudnn_fits(q: jax.Array) -> bool:
+  head_dim = q.shape[-1]
+  return q.dtype in (jnp.float16, jnp.bfloat16) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def resolve(implementation: str, q: jax.Array) -> str:
+  """The kernel a call with queries `q` uses: `implementation` itself, or auto's choice for this backend."""
+  if implementation != "auto":
+    return implementation
+  backend = jax.default_backend()
+  if backend == "gpu" and _cudnn_fits(q):
+    return "cudnn"
+  if backend == "tpu":
+    return "splash"
+  return "xla"
+
+
+def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None,
+                implementation: str = "xla") -> jax.Array:
+  """softmax(q kᵀ / √D + mask) v per head; key_mask [B, S] True = attend (None: all keys)."""
+  kind = resolve(implementation, q)
+  if kind == "xla":
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1(heads), 1(T), S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  if kind == "cudnn":
+    lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+  if kind == "splash":
+    return _splash_sharded(q, k, v, key_mask)
+  raise ValueError(f"unknown attention implementation {kind!r}")
+
+
+def _pad_to_block(x: jax.Array, axis: int) -> jax.Array:
+  size = x.shape[axis]
+  padded = -(-size // _SPLASH_BLOCK) * _SPLASH_BLOCK
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, padded - size)
+  return jnp.pad(x, widths)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  """Splash attention on the arrays this device holds: [b, T, h, D] × [b, S, h, D] → [b, T, h, D]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks  # pylint: disable=g-import-not-at-top
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  if key_mask is None:
+    key_mask = jnp.ones((b, s), bool)
+  # [b, h, T', D], the kernel's layout; the kernel does not scale q. Padded keys get segment id 0 and are
+  # never attended (all queries have id 1); padded queries are cut off below.
+  q_, k_, v_ = (_pad_to_block(x, 1).transpose(0, 2, 1, 3) for x in (q * (1.0 / math.sqrt(d)), k, v))
+  kv_ids = _pad_to_block(key_mask.astype(jnp.int32), 1)
+  q_ids = jnp.ones((b, q_.shape[2]), jnp.int32)
+  mask = masks.MultiHeadMask([masks.FullMask((q_.shape[2], k_.shape[2]))] * h)
+  kernel = kernels.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
+                                   block_sizes=kernels.BlockSizes.get_default(),
+                                   interpret=jax.default_backend() != "tpu")
+  out = jax.vmap(lambda qq, kk, vv, qi, ki: kernel(qq, kk, vv, segment_ids=kernels.SegmentIds(qi, ki)))(
+      q_, k_, v_, q_ids, kv_ids)
+  return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
+
+
+def _splash_sharded(q, k, v, key_mask):
+  """`_splash` per device under the current mesh: a Pallas kernel is not partitioned by XLA itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return _splash(q, k, v, key_mask)
+  batch_axes = tuple(a for a in _MESH_BATCH_AXES if a in mesh.shape)
+  batch_size = math.prod(mesh.shape[a] for a in batch_axes)
+  batch = batch_axes if batch_axes and q.shape[0] % batch_size == 0 else None
+  heads = _MESH_HEADS_AXIS if q.shape[2] % mesh.shape.get(_MESH_HEADS_AXIS, 1) == 0 else None
+  spec = P(batch, None, heads, None)
+  mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+  return jax.shard_map(functools.partial(_splash), mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
+                       out_specs=spec, check_vma=False)(q, k, v, mask)
