@@ -94,18 +94,19 @@ import jax, jax.numpy as jnp, numpy as np
 from configs import smoke
 from diffusion_jax import build
 from diffusion_jax.parallel import mesh as mesh_lib
-outs = {}
+outs, params = {}, None
 for impl in ("xla", "splash"):
   config = smoke.get_config()
   config.model.attention = impl
   config.mesh.shape, config.mesh.replicate_indivisible = (2, 2, 2), True
   run = build.build(config)
-  state, _ = run.create_state(jax.random.PRNGKey(0))
+  if params is None:  # One set of parameters for both (the kernel has none).
+    state, _ = run.create_state(jax.random.PRNGKey(0))
+    # Non-zero output projections, so that attention reaches the output.
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), state.params)
   x, t, inputs = run.model.dummy_inputs(8)
   x = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   inputs = {k: jnp.asarray(v) for k, v in run.conditioning.inputs_for(["a handwritten digit 7"] * 8).items()}
-  # Non-zero output projections, so that attention reaches the output.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), state.params)
   with mesh_lib.activate(run.mesh, run.rules):
     outs[impl] = np.asarray(jax.jit(lambda p: run.model.apply({"params": p}, x, t + 500, inputs))(params))
 np.testing.assert_allclose(outs["splash"], outs["xla"], rtol=1e-4, atol=1e-4)
