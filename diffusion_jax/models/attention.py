@@ -16,7 +16,6 @@ All agree with `xla` to floating-point tolerance (tests/test_attention.py).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -113,5 +112,5 @@ def _splash_sharded(q, k, v, key_mask):
   heads = _MESH_HEADS_AXIS if q.shape[2] % mesh.shape.get(_MESH_HEADS_AXIS, 1) == 0 else None
   spec = P(batch, None, heads, None)
   mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
-  return jax.shard_map(functools.partial(_splash), mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
+  return jax.shard_map(_splash, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
                        out_specs=spec, check_vma=False)(q, k, v, mask)
