@@ -36,9 +36,9 @@ REMAT_POLICIES = {
 
 def _resample(x: jax.Array, direction: str) -> jax.Array:
   """'up': nearest-neighbour ×2; 'down': 2×2 average pool; '': unchanged. [B, H, W, C] → [B, H', W', C]."""
-  if direction == "up":
+  if direction == "up":  # A broadcast, not jax.image.resize's gather: its gradient is a sum, not a scatter.
     b, h, w, c = x.shape
-    return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+    return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
   if direction == "down":
     return nn.avg_pool(x, (2, 2), (2, 2))
   return x
