@@ -1,0 +1,670 @@
+"""Benchmarks against the peer (diffusers' Flax Stable Diffusion U-Net), on the same U-Net layout.
+
+  python -m benchmarks.run [--suite=train,sampler,startup,memory,input | all] [--config=small,medium]
+                           [--out=results.json] [--steps=5] [--blocks=3] [--sampler_steps=50] [--dtype=bfloat16]
+
+Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
+- train: our production train step (build.build → run.create_state → train_step.make_train_step, text
+  encoder and EMA included) vs diffusers' train_text_to_image_flax.py step on precomputed latents and
+  context: images/s, ratio_vs_peer (ours / peer), compile s, both U-Nets' parameter counts and forward
+  FLOPs (lowered programs' totals, and their convolution and matmul FLOPs, which must agree: same
+  architecture), whole-step GFLOP, achieved GFLOP/s and its fraction of a matmul peak measured in this
+  run in the compute dtype, compiled peak memory.
+- sampler: our scan sampler (generation.make_sample_fn, DDIM, guidance 7.5) vs the fori_loop of
+  FlaxStableDiffusionPipeline._generate, 4 prompts: s/call, s/image, compile s, ratio_vs_peer.
+- startup: creating our sharded train state, compiling our step, and compiling it in a fresh process
+  with JAX's persistent compilation cache cold and then warm.
+- memory: our step's compiled peak memory (arguments + outputs + temporaries − donated aliases) and
+  step time for remat policies none / full / dots.
+- input: the input pipeline's examples/s (digits, at the preset's batch size) over the images/s our
+  train step consumes (input_headroom; > 1: the pipeline keeps up).
+
+Timings are taken side by side: blocks of `steps` calls alternate between ours and the peer and the
+median block is reported (the JSON has every block), so a noisy shared machine slows both alike. In this
+process JAX's persistent compilation cache is off, so compile times are cold (the startup suite measures
+the cache separately). Neither side runs a VAE or a frozen CLIP: inputs are S×S×4 latents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks import peer as peer_lib
+from benchmarks import presets
+from diffusion_jax import build, generation
+from diffusion_jax import train_step as train_step_lib
+from diffusion_jax.config import COMPUTE_DTYPES
+from diffusion_jax.models.diffusion_model import DiffusionModel
+from diffusion_jax.parallel import mesh as mesh_lib
+
+SUITES = ("train", "sampler", "startup", "memory", "input")
+REMAT_POLICIES = ("none", "full", "dots")
+SAMPLER_PROMPTS = 4
+GUIDANCE_SCALE = 7.5
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_START = time.perf_counter()
+
+
+def _log(message: str) -> None:
+  print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _cost_flops(executable) -> float:
+  cost = executable.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"])
+
+
+def _peak_mib(compiled) -> float | None:
+  """Arguments + outputs + temporaries − donated (aliased) buffers, MiB: what the step needs resident."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+  return round(peak / 2**20, 2)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - start
+
+
+def interleaved_seconds(runners: dict[str, Callable[[], Any]], blocks: int, calls: int) -> dict[str, list[float]]:
+  """Each runner's mean seconds per call in each of `blocks` blocks of `calls` calls, the runners alternating
+  block by block (their order reversed every other block, so neither always runs right after the other)."""
+  names = list(runners)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for block in range(blocks):
+    for name in (names if block % 2 == 0 else names[::-1]):
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = runners[name]()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / calls)
+  return times
+
+
+def matmul_flops(fn: Callable, *args) -> int:
+  """FLOPs of the convolutions and matmuls (dot_general) of fn(*args), from its traced program: 2 per
+  multiply-add at the nominal kernel size (XLA's cost analysis leaves out the taps that fall on padding).
+  Independent of how each side writes its elementwise and index arithmetic."""
+  def count(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
+      elif eqn.primitive.name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape  # Its in-feature dimension is already in / feature_group_count.
+        out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod(rhs)) // out_features
+      for param in eqn.params.values():  # Nested programs (jit, custom_jvp, remat); U-Nets have no loops.
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            total += count(inner)
+    return total
+
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def matmul_peak_flops(dtype: str) -> float:
+  """The best FLOP/s of a few square matmuls in `dtype` on the first device (the attainable peak)."""
+  sizes = (512, 1024, 2048) if jax.default_backend() == "cpu" else (2048, 4096, 8192)
+  best = 0.0
+  for n in sizes:
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x).lower(a).compile()
+    jax.block_until_ready(f(a))
+    seconds = min(_timed(lambda: f(a))[1] for _ in range(5))
+    best = max(best, 2 * n**3 / seconds)
+  return best
+
+
+class Bench:
+  """One preset's pieces, built on first use and shared by the suites."""
+
+  def __init__(self, preset: presets.Preset, dtype: str | None):
+    self.preset, self.dtype = preset, dtype or preset.dtype
+    self.config = presets.our_config(preset, self.dtype)
+    self.run = build.build(self.config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+    self.trained_params = None
+    self._peer_unet = None
+    self._peer_params = None
+
+  # Ours.
+  def batch(self) -> dict[str, jax.Array]:
+    """A global batch: random uint8 images [B, S, S, 4] and tokenized short captions."""
+    b = self.preset.batch_size
+    rng = np.random.default_rng(0)
+    local = {"image": rng.integers(0, 256, (b,) + self.preset.input_shape, dtype=np.uint8),
+             **self.run.conditioning.inputs_for([str(i) for i in range(b)])}
+    return train_step_lib.global_batch(local, self.run.mesh, ("image",) + tuple(self.run.conditioning.input_keys))
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    shapes = {"image": jax.ShapeDtypeStruct((self.preset.batch_size,) + self.preset.input_shape, jnp.uint8)}
+    tokens = self.run.conditioning.inputs_for([""] * self.preset.batch_size)
+    shapes.update({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tokens.items()})
+    sharding = mesh_lib.batch_sharding(self.run.mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in shapes.items()}
+
+  def compile_step(self, run, state, batch):
+    """(compiled train step of `run`, compile seconds); `state`/`batch` may be abstract."""
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    step = train_step_lib.make_train_step(run, shardings)
+    start = time.perf_counter()
+    with mesh_lib.activate(run.mesh, run.rules):  # As train.py traces it.
+      compiled = step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+  def our_unet_abstract(self) -> Any:
+    model = self.run.model
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), *model.dummy_inputs())["params"]))
+    return params["unet"]
+
+  def our_forward(self, unet_params, x, t, context):
+    """Our U-Net alone: x [B, S, S, 4], t [B], context [B, L, D] (no key mask, as the peer) → [B, S, S, 4]."""
+    return self.run.model.apply({"params": {"unet": unet_params}}, x, t, {"context": context},
+                                method=DiffusionModel.denoise)
+
+  def our_params(self) -> Any:
+    """Our model's parameters: the train suite's latest, else freshly initialized."""
+    if self.trained_params is None:
+      model = self.run.model
+      self.trained_params = jax.jit(lambda r: nn.unbox(model.init(r, *model.dummy_inputs())["params"]))(
+          jax.random.PRNGKey(0))
+    return self.trained_params
+
+  # The peer.
+  def peer_unet(self):
+    if self._peer_unet is None:
+      self._peer_unet = peer_lib.make_peer_unet(self.preset, self.dtype)
+    return self._peer_unet
+
+  def peer_params(self) -> Any:
+    """float32 parameters, initialized once per preset; callers that donate them get a copy."""
+    if self._peer_params is None:
+      self._peer_params = peer_lib.init_peer_params(self.peer_unet(), seed=0)
+    return jax.tree.map(jnp.copy, self._peer_params)
+
+  def peer_forward(self, params, x_nchw, t, context):
+    return self.peer_unet().apply({"params": params}, x_nchw, t, context).sample
+
+  def forward_inputs(self):
+    """Abstract forward inputs at the training batch: (x NHWC, x NCHW, t, context)."""
+    b, (s, _, c) = self.preset.batch_size, self.preset.input_shape
+    f32 = jnp.float32
+    return (jax.ShapeDtypeStruct((b, s, s, c), f32), jax.ShapeDtypeStruct((b, c, s, s), f32),
+            jax.ShapeDtypeStruct((b,), jnp.int32),
+            jax.ShapeDtypeStruct((b, self.preset.context_length, self.preset.context_width), f32))
+
+
+def _runs_here(preset: presets.Preset) -> bool:
+  return not (preset.gpu_only and jax.default_backend() == "cpu")
+
+
+def bench_architecture(bench: Bench, with_peer: bool) -> dict:
+  """Parameter counts and lowered forward FLOPs of both U-Nets (abstract: nothing is allocated)."""
+  x, x_nchw, t, context = bench.forward_inputs()
+  ours_params = bench.our_unet_abstract()
+  out = {"unet_params": peer_lib.param_count(ours_params),
+         "forward_gflop": jax.jit(bench.our_forward).lower(ours_params, x, t, context).cost_analysis()["flops"] / 1e9,
+         "forward_matmul_flops": matmul_flops(bench.our_forward, ours_params, x, t, context)}
+  if with_peer:
+    peer_params = jax.eval_shape(bench.peer_unet().init_weights, jax.random.PRNGKey(0))
+    out["peer_unet_params"] = peer_lib.param_count(peer_params)
+    out["peer_forward_gflop"] = (jax.jit(bench.peer_forward).lower(peer_params, x_nchw, t, context)
+                                 .cost_analysis()["flops"] / 1e9)
+    out["peer_forward_matmul_flops"] = matmul_flops(bench.peer_forward, peer_params, x_nchw, t, context)
+    out["unet_params_equal"] = out["unet_params"] == out["peer_unet_params"]
+    # The lowered totals differ by ~100 FLOPs per 10^8 of index and constant arithmetic that is not the
+    # network's (the timestep embedding's frequency table, nearest-neighbour upsampling's source indices);
+    # the convolutions and matmuls are the architecture and must agree exactly.
+    out["forward_flops_equal"] = out["forward_matmul_flops"] == out["peer_forward_matmul_flops"]
+    out["forward_flops_diff"] = round((out["forward_gflop"] - out["peer_forward_gflop"]) * 1e9)
+  return out
+
+
+def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: bool) -> dict:
+  p = bench.preset
+  out = bench_architecture(bench, with_peer)
+  if not _runs_here(p):
+    out["note"] = f"{p.name} runs on an accelerator only: parameters and FLOPs here, no timings on CPU"
+    return out
+  _log(f"[{p.name}] train: creating our train state")
+  (state, _), out["create_state_s"] = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0)))
+  batch = bench.batch()
+  _log(f"[{p.name}] train: compiling ours")
+  ours, out["compile_s"] = bench.compile_step(bench.run, state, batch)
+  out["step_gflop"] = _cost_flops(ours) / 1e9
+  out["peak_mib"] = _peak_mib(ours)
+  holder = {"state": state}
+
+  def run_ours():
+    holder["state"], metrics = ours(holder["state"], batch)
+    return metrics
+
+  runners = {"ours": run_ours}
+  if with_peer:
+    _log(f"[{p.name}] train: compiling the peer")
+    unet = bench.peer_unet()
+    init, step = peer_lib.make_peer_train_step(unet)
+    peer_state = init(bench.peer_params())
+    rng = np.random.default_rng(1)
+    s, c = p.image_size, presets.LATENT_CHANNELS
+    peer_batch = {"latents": jnp.asarray(rng.standard_normal((p.batch_size, c, s, s), np.float32)),
+                  "context": jnp.asarray(rng.standard_normal((p.batch_size, p.context_length, p.context_width),
+                                                             np.float32)),
+                  "rng": jax.random.PRNGKey(2)}
+    start = time.perf_counter()
+    peer_step = step.lower(peer_state, peer_batch).compile()
+    out["peer_compile_s"] = time.perf_counter() - start
+    out["peer_step_gflop"] = _cost_flops(peer_step) / 1e9
+    out["peer_peak_mib"] = _peak_mib(peer_step)
+    holder["peer"] = peer_state
+
+    def run_peer():
+      holder["peer"], loss = peer_step(holder["peer"], peer_batch)
+      return loss
+
+    runners["peer"] = run_peer
+  for run_once in runners.values():  # Warm-up: first calls allocate.
+    jax.block_until_ready(run_once())
+  _log(f"[{p.name}] train: timing {blocks} blocks of {steps} steps per side")
+  seconds = interleaved_seconds(runners, blocks, steps)
+  bench.trained_params = holder["state"].params  # The sampler suite reuses them (saves an init compile).
+  for side, prefix in (("ours", ""), ("peer", "peer_")):
+    if side not in seconds:
+      continue
+    out[f"{prefix}step_s_per_block"] = seconds[side]
+    step_s = out[f"{prefix}step_s"] = statistics.median(seconds[side])
+    out[f"{prefix}images_per_s"] = p.batch_size / step_s
+    achieved = out[f"{prefix}step_gflop"] * 1e9 / step_s
+    out[f"{prefix}achieved_gflop_s"] = achieved / 1e9
+    out[f"{prefix}fraction_of_matmul_peak"] = achieved / peak
+  if with_peer:
+    out["ratio_vs_peer"] = out["images_per_s"] / out["peer_images_per_s"]
+  return out
+
+
+def bench_sampler(bench: Bench, num_steps: int, blocks: int, with_peer: bool) -> dict:
+  p = bench.preset
+  out = {"num_steps": num_steps, "prompts": SAMPLER_PROMPTS, "guidance_scale": GUIDANCE_SCALE}
+  if not _runs_here(p):
+    out["note"] = f"{p.name} runs on an accelerator only: no sampler timings on CPU"
+    return out
+  run, n = bench.run, SAMPLER_PROMPTS
+  # DDIM as the peer's scheduler does it for SD: "leading" timesteps, no x̂0 clipping.
+  options = generation.sampler_options(bench.config, sampler="ddim", num_steps=num_steps, spacing="leading",
+                                       eta=0.0, x0_clipping="none")
+  _log(f"[{p.name}] sampler: compiling ours ({num_steps} DDIM steps, {n} prompts)")
+  params = bench.our_params()
+  inputs = jax.tree.map(jnp.asarray, run.conditioning.inputs_for([str(i) for i in range(n)]))
+  null = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(n))
+  scales, rng = jnp.full((n,), GUIDANCE_SCALE, jnp.float32), jax.random.PRNGKey(0)
+  sample_fn = generation.make_sample_fn(run.model, run.schedule, options, run.autoencoder)
+  start = time.perf_counter()
+  ours = sample_fn.lower(params, inputs, null, scales, rng).compile()
+  out["compile_s"] = time.perf_counter() - start
+  runners = {"ours": lambda: ours(params, inputs, null, scales, rng)}
+  if with_peer:
+    _log(f"[{p.name}] sampler: compiling the peer")
+    peer_fn, scheduler_state = peer_lib.make_peer_sample_fn(bench.peer_unet(), num_steps)
+    peer_params = bench.peer_params()
+    key = np.random.default_rng(3)
+    shape = (n, p.context_length, p.context_width)
+    cond = jnp.asarray(key.standard_normal(shape, np.float32))
+    uncond = jnp.asarray(key.standard_normal(shape, np.float32))
+    scale = jnp.float32(GUIDANCE_SCALE)
+    start = time.perf_counter()
+    peer = peer_fn.lower(peer_params, scheduler_state, cond, uncond, scale, rng).compile()
+    out["peer_compile_s"] = time.perf_counter() - start
+    runners["peer"] = lambda: peer(peer_params, scheduler_state, cond, uncond, scale, rng)
+  for run_once in runners.values():
+    jax.block_until_ready(run_once())
+  _log(f"[{p.name}] sampler: timing {blocks} calls per side")
+  seconds = interleaved_seconds(runners, blocks, 1)
+  for side, prefix in (("ours", ""), ("peer", "peer_")):
+    if side in seconds:
+      out[f"{prefix}s_per_call_per_block"] = seconds[side]
+      out[f"{prefix}s_per_call"] = statistics.median(seconds[side])
+      out[f"{prefix}s_per_image"] = out[f"{prefix}s_per_call"] / n
+  if with_peer:
+    out["ratio_vs_peer"] = out["peer_s_per_call"] / out["s_per_call"]
+  return out
+
+
+_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from benchmarks import run
+print(json.dumps(run.compile_in_this_process({name!r}, {dtype!r}, start)))
+"""
+
+
+def compile_in_this_process(name: str, dtype: str, process_start: float) -> dict:
+  """Builds the preset's run and compiles its train step from the abstract state (nothing allocated);
+  the child process of the startup suite."""
+  bench = Bench(presets.get(name), dtype)
+  _, compile_s = bench.compile_step(bench.run, bench.run.abstract_state(), bench.abstract_batch())
+  return {"compile_s": compile_s, "process_s": time.perf_counter() - process_start}
+
+
+def bench_startup(bench: Bench, train: dict | None) -> dict:
+  p = bench.preset
+  out = {}
+  if not _runs_here(p):
+    out["note"] = f"{p.name} runs on an accelerator only: no startup timings on CPU"
+    return out
+  if train and "compile_s" in train:  # Measured there already, in this process.
+    out["create_state_s"], out["compile_s"] = train["create_state_s"], train["compile_s"]
+  else:
+    _log(f"[{p.name}] startup: creating the train state")
+    (state, _), out["create_state_s"] = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0)))
+    _, out["compile_s"] = bench.compile_step(bench.run, state, bench.batch())
+    del state
+  with tempfile.TemporaryDirectory() as cache_dir:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               JAX_ENABLE_COMPILATION_CACHE="true")
+    for which in ("cold", "warm"):
+      _log(f"[{p.name}] startup: compiling in a fresh process, persistent cache {which}")
+      result = subprocess.run([sys.executable, "-c", _CHILD.format(name=p.name, dtype=bench.dtype)], env=env,
+                              cwd=_REPO_ROOT, capture_output=True, text=True, check=False)
+      if result.returncode:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        out[f"{which}_cache_error"] = tail
+        break
+      child = json.loads(result.stdout.strip().splitlines()[-1])
+      out[f"{which}_cache_compile_s"] = child["compile_s"]
+      out[f"{which}_cache_process_s"] = child["process_s"]
+  return out
+
+
+def bench_memory(bench: Bench, steps: int, blocks: int) -> dict:
+  p = bench.preset
+  out: dict[str, Any] = {}
+  if not _runs_here(p):  # XLA:CPU's memory plan says little about a GPU's, and takes minutes per policy.
+    out["note"] = f"{p.name} runs on an accelerator only: no memory measurements on CPU"
+    return out
+  for policy in REMAT_POLICIES:
+    _log(f"[{p.name}] memory: remat {policy}")
+    config = presets.our_config(p, bench.dtype)
+    config.model.remat_policy = policy
+    run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+    row = {}
+    state, _ = run.create_state(jax.random.PRNGKey(0))
+    batch = bench.batch()
+    compiled, row["compile_s"] = bench.compile_step(run, state, batch)
+    holder = {"state": state}
+
+    def run_step(compiled=compiled, holder=holder, batch=batch):
+      holder["state"], metrics = compiled(holder["state"], batch)
+      return metrics
+
+    jax.block_until_ready(run_step())
+    row["step_s"] = statistics.median(interleaved_seconds({policy: run_step}, blocks, steps)[policy])
+    del holder
+    row["peak_mib"] = _peak_mib(compiled)
+    mem = compiled.memory_analysis()
+    row["temp_mib"] = round(mem.temp_size_in_bytes / 2**20, 2) if mem is not None else None
+    out[policy] = row
+  return out
+
+
+def bench_input(bench: Bench, train: dict | None, steps: int, blocks: int, data_dir: str) -> dict:
+  """The digits pipeline at the preset's batch size vs the images/s our train step consumes."""
+  p = bench.preset
+  out: dict[str, Any] = {"dataset": "digits", "batch_size": p.batch_size}
+  # pylint: disable=g-import-not-at-top  (TFDS, grain and TensorFlow: only this suite needs them)
+  from configs import digits
+  from diffusion_jax.data import pipeline
+  from diffusion_jax.text.tokenizer import ByteTokenizer
+  config = digits.get_config()
+  config.batch_size = p.batch_size
+  config.dataset.data_dir = data_dir
+  spec_dir = os.path.join(pipeline.data_dir(config), "digits")
+  if not os.path.isdir(spec_dir):
+    out["note"] = (f"skipped: digits is not prepared in {pipeline.data_dir(config)} (pass --data_dir=<a TFDS dir "
+                   f"holding it>, or run any digits training once to prepare it)")
+    return out
+  _log(f"[{p.name}] input: digits pipeline at batch {p.batch_size}")
+  iterator = pipeline.create_train_iterator(config, tokenizer=ByteTokenizer(config.text.max_length))
+  for _ in range(3):  # Warm-up: the read threads start and fill their prefetch buffer.
+    next(iterator)
+  count = max(20, steps * blocks)
+  start = time.perf_counter()
+  for _ in range(count):
+    next(iterator)
+  out["examples_per_s"] = count * p.batch_size / (time.perf_counter() - start)
+  images_per_s = (train or {}).get("images_per_s")
+  if images_per_s is None and _runs_here(p):
+    images_per_s = bench_train(bench, steps, blocks, peak=float("inf"), with_peer=False)["images_per_s"]
+  if images_per_s:
+    out["train_images_per_s"] = images_per_s
+    out["input_headroom"] = out["examples_per_s"] / images_per_s
+  return out
+
+
+@contextlib.contextmanager
+def _cold_compiles():
+  """JAX's persistent compilation cache off, so that compile times are cold (restored afterwards)."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+def default_presets() -> list[str]:
+  return ["small", "medium"] if jax.default_backend() == "cpu" else ["small", "medium", "sd21"]
+
+
+def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, blocks: int = 3,
+                   sampler_steps: int = 50, dtype: str | None = None, data_dir: str = "",
+                   out: str = "") -> dict:
+  """Runs `suites` for each preset in `names`; returns the results (written to `out` as JSON if given)."""
+  why_no_peer = peer_lib.available() if {"train", "sampler"} & set(suites) else "not needed"
+  with_peer = why_no_peer is None
+  if not with_peer and why_no_peer != "not needed":
+    _log(f"peer skipped: {why_no_peer}")
+  device = jax.devices()[0]
+  results: dict[str, Any] = {
+      "device": str(device), "device_kind": device.device_kind, "backend": jax.default_backend(),
+      "jax": jax.__version__, "suites": suites, "steps_per_block": steps, "blocks": blocks, "configs": {}}
+  if with_peer:
+    import diffusers  # pylint: disable=g-import-not-at-top  (imported by peer_lib already, with USE_TORCH=0)
+    results["diffusers"] = diffusers.__version__
+  elif why_no_peer != "not needed":
+    results["peer_skipped"] = why_no_peer
+  with _cold_compiles():
+    for name in names:
+      preset = presets.get(name)
+      _log(f"[{name}] building ({preset.image_size}×{preset.image_size}×4, batch {preset.batch_size}, "
+           f"{dtype or preset.dtype})")
+      bench = Bench(preset, dtype)
+      entry: dict[str, Any] = {"dtype": bench.dtype, "batch_size": preset.batch_size,
+                               "input_shape": list(preset.input_shape),
+                               "context": [preset.context_length, preset.context_width]}
+      if "train" in suites:
+        peaks = results.setdefault("matmul_peak_gflop_s", {})
+        if bench.dtype not in peaks:
+          _log(f"measuring the {bench.dtype} matmul peak")
+          peaks[bench.dtype] = matmul_peak_flops(bench.dtype) / 1e9
+        entry["train"] = bench_train(bench, steps, blocks, peaks[bench.dtype] * 1e9, with_peer)
+      if "sampler" in suites:
+        entry["sampler"] = bench_sampler(bench, sampler_steps, blocks, with_peer)
+      if "startup" in suites:
+        entry["startup"] = bench_startup(bench, entry.get("train"))
+      if "memory" in suites:
+        entry["memory"] = bench_memory(bench, steps, blocks)
+      if "input" in suites:
+        entry["input"] = bench_input(bench, entry.get("train"), steps, blocks, data_dir)
+      results["configs"][name] = entry
+  if out:
+    with open(out, "w", encoding="utf-8") as f:
+      json.dump(_rounded(results), f, indent=2)
+  return results
+
+
+def _rounded(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _rounded(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_rounded(v) for v in tree]
+  if isinstance(tree, float):
+    return float(f"{tree:.4g}")
+  return tree
+
+
+def _fmt(value: Any) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, bool):
+    return "yes" if value else "NO"
+  if isinstance(value, float):
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+  return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a is not None and b else None
+
+
+def _gflop(flops: int | None) -> float | None:
+  return None if flops is None else flops / 1e9
+
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+  """(config, suite, measurement, ours, peer, ours/peer) rows."""
+  rows = []
+  for name, entry in results["configs"].items():
+    def row(suite, label, ours, peer=None, ratio=None):
+      if ours is not None or peer is not None:
+        rows.append((name, suite, label, _fmt(ours), _fmt(peer), _fmt(ratio)))
+
+    train = entry.get("train")
+    if train:
+      row("train", "images/s", train.get("images_per_s"), train.get("peer_images_per_s"),
+          train.get("ratio_vs_peer"))
+      row("train", "compile s", train.get("compile_s"), train.get("peer_compile_s"))
+      row("train", "create_state s", train.get("create_state_s"))
+      row("train", "U-Net params", train.get("unet_params"), train.get("peer_unet_params"),
+          train.get("unet_params_equal"))
+      row("train", "U-Net forward GFLOP", train.get("forward_gflop"), train.get("peer_forward_gflop"),
+          _ratio(train.get("forward_gflop"), train.get("peer_forward_gflop")))
+      row("train", "U-Net forward conv+matmul GFLOP", _gflop(train.get("forward_matmul_flops")),
+          _gflop(train.get("peer_forward_matmul_flops")), train.get("forward_flops_equal"))
+      row("train", "step GFLOP", train.get("step_gflop"), train.get("peer_step_gflop"))
+      row("train", "achieved GFLOP/s", train.get("achieved_gflop_s"), train.get("peer_achieved_gflop_s"))
+      row("train", "fraction of matmul peak", train.get("fraction_of_matmul_peak"),
+          train.get("peer_fraction_of_matmul_peak"))
+      row("train", "step peak MiB", train.get("peak_mib"), train.get("peer_peak_mib"))
+    sampler = entry.get("sampler")
+    if sampler and "s_per_call" in sampler:
+      row("sampler", f"s/call ({sampler['num_steps']} steps)", sampler.get("s_per_call"),
+          sampler.get("peer_s_per_call"), sampler.get("ratio_vs_peer"))
+      row("sampler", "s/image", sampler.get("s_per_image"), sampler.get("peer_s_per_image"))
+      row("sampler", "compile s", sampler.get("compile_s"), sampler.get("peer_compile_s"))
+    startup = entry.get("startup")
+    if startup and "create_state_s" in startup:
+      row("startup", "create_state s", startup["create_state_s"])
+      row("startup", "compile s (in process)", startup.get("compile_s"))
+      row("startup", "compile s, cache cold", startup.get("cold_cache_compile_s"))
+      row("startup", "compile s, cache warm", startup.get("warm_cache_compile_s"))
+      row("startup", "process s, cache cold", startup.get("cold_cache_process_s"))
+      row("startup", "process s, cache warm", startup.get("warm_cache_process_s"))
+    for policy in REMAT_POLICIES:
+      mem = (entry.get("memory") or {}).get(policy)
+      if mem:
+        row("memory", f"remat {policy}: peak MiB", mem.get("peak_mib"))
+        row("memory", f"remat {policy}: temp MiB", mem.get("temp_mib"))
+        row("memory", f"remat {policy}: step s", mem.get("step_s"))
+    inp = entry.get("input")
+    if inp and "examples_per_s" in inp:
+      row("input", "pipeline examples/s", inp["examples_per_s"])
+      row("input", "input_headroom", inp.get("input_headroom"))
+    for suite in ("train", "sampler", "startup", "memory", "input"):
+      note = (entry.get(suite) or {}).get("note")
+      if note:
+        rows.append((name, suite, note, "", "", ""))
+  return rows
+
+
+def format_table(results: dict) -> str:
+  header = ("config", "suite", "measurement", "ours", "peer", "ours/peer")
+  rows = table_rows(results)
+  widths = [max(len(r[i]) for r in [header] + rows if i < 2 or r[3:] != ("", "", "")) for i in range(3)]
+  lines = []
+  for r in [header] + rows:
+    if r[3:] == ("", "", ""):  # A note: free text after the suite.
+      lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}")
+      continue
+    lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>12}  {r[4]:>12}  {r[5]:>9}")
+  head = f"device: {results['device']} ({results['backend']}), jax {results['jax']}"
+  if "diffusers" in results:
+    head += f", diffusers {results['diffusers']}"
+  for dtype, peak in results.get("matmul_peak_gflop_s", {}).items():
+    head += f", {dtype} matmul peak {peak:.4g} GFLOP/s"
+  return "\n".join([head] + lines)
+
+
+# Flags are defined only when this module is the program: the tests import it next to other modules
+# that define flags of the same names (--config, --out, --steps).
+def _define_flags() -> None:
+  def check_list(allowed: tuple[str, ...], what: str, extra: tuple[str, ...] = ()) -> Callable[[list[str]], bool]:
+    def check(values):
+      bad = [v for v in values or () if v not in allowed + extra]
+      if bad:
+        raise flags.ValidationError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed + extra)}")
+      return True
+    return check
+
+  flags.DEFINE_list("suite", ["all"], f"Suites to run: {', '.join(SUITES)} or all.")
+  flags.DEFINE_list("config", None, f"Presets: {', '.join(presets.PRESETS)} (default: small,medium on CPU, "
+                    "small,medium,sd21 on an accelerator).")
+  flags.DEFINE_string("out", "", "Write the results as JSON here.")
+  flags.DEFINE_integer("steps", 5, "Timed steps per block (train, memory).", lower_bound=1)
+  flags.DEFINE_integer("blocks", 3, "Timed blocks per side; the median block is reported.", lower_bound=1)
+  flags.DEFINE_integer("sampler_steps", 50, "DDIM steps of the sampler suite.", lower_bound=1, upper_bound=1000)
+  flags.DEFINE_enum("dtype", None, list(COMPUTE_DTYPES), "Compute dtype of both networks (default: the preset's).")
+  flags.DEFINE_string("data_dir", "", "TFDS data dir holding the prepared digits dataset (input suite; default: "
+                      "the pipeline's).")
+  flags.register_validator("suite", check_list(SUITES, "suite", ("all",)))
+  flags.register_validator("config", check_list(tuple(presets.PRESETS), "preset"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; give options as --name=value")
+  f = flags.FLAGS
+  suites = list(SUITES) if "all" in f.suite else [s for s in SUITES if s in f.suite]
+  names = f.config or default_presets()
+  results = run_benchmarks(names, suites, steps=f.steps, blocks=f.blocks, sampler_steps=f.sampler_steps,
+                           dtype=f.dtype, data_dir=f.data_dir, out=f.out)
+  print(format_table(results))
+  if f.out:
+    print(f"results: {f.out}")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, _REPO_ROOT)  # configs/ (imported by presets) lives at the repository root.
+  _define_flags()
+  app.run(main)
