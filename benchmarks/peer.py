@@ -234,6 +234,3 @@ def peer_params_to_ours(peer_params: Any, levels: int) -> dict:
     node[target[-1]] = value
   return ours
 
-
-def param_count(params: Any) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

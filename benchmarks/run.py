@@ -45,7 +45,7 @@ from absl import app, flags
 
 from benchmarks import peer as peer_lib
 from benchmarks import presets
-from diffusion_jax import build, generation
+from diffusion_jax import build, generation, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.config import COMPUTE_DTYPES
 from diffusion_jax.models.diffusion_model import DiffusionModel
@@ -223,12 +223,12 @@ def bench_architecture(bench: Bench, with_peer: bool) -> dict:
   """Parameter counts and lowered forward FLOPs of both U-Nets (abstract: nothing is allocated)."""
   x, x_nchw, t, context = bench.forward_inputs()
   ours_params = bench.our_unet_abstract()
-  out = {"unet_params": peer_lib.param_count(ours_params),
+  out = {"unet_params": train_state.param_count(ours_params),
          "forward_gflop": jax.jit(bench.our_forward).lower(ours_params, x, t, context).cost_analysis()["flops"] / 1e9,
          "forward_matmul_flops": matmul_flops(bench.our_forward, ours_params, x, t, context)}
   if with_peer:
     peer_params = jax.eval_shape(bench.peer_unet().init_weights, jax.random.PRNGKey(0))
-    out["peer_unet_params"] = peer_lib.param_count(peer_params)
+    out["peer_unet_params"] = train_state.param_count(peer_params)
     out["peer_forward_gflop"] = (jax.jit(bench.peer_forward).lower(peer_params, x_nchw, t, context)
                                  .cost_analysis()["flops"] / 1e9)
     out["peer_forward_matmul_flops"] = matmul_flops(bench.peer_forward, peer_params, x_nchw, t, context)

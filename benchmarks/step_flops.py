@@ -24,30 +24,20 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import presets
 from diffusion_jax import build
 from diffusion_jax import train_step as train_step_lib
-from diffusion_jax.data import registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ddpm_cifar10.py", "Experiment config.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "The accelerator's peak (dense, compute dtype) in TFLOP/s.")
 _UTILIZATION = flags.DEFINE_float("utilization", 0.4, "Achieved fraction of the peak.")
 
 
-def _stand_in_dataset(config) -> str:
-  """Registers a dataset of the config's image shape for a config whose dataset is the user's (the SD
-  configs leave `dataset.name` empty): the step's cost depends only on the shapes."""
-  size, channels = config.dataset.image_size, config.dataset.channels
-  name = f"stand-in-{size}x{size}x{channels}"
-  registry.DATASETS[name] = registry.DatasetSpec(
-      name=name, image_shape=(size, size, channels), class_names=("image",), caption_templates=("{class_name}",),
-      has_captions=True, builder_cls=lambda: None, rebuildable=False, random_flip=False)
-  return name
-
-
 def step_flops(config) -> tuple[float, float]:
   """(FLOPs of one compiled training step at config.batch_size, compile seconds)."""
   if not config.dataset.name:
-    config.dataset.name = _stand_in_dataset(config)
+    config.dataset.name = presets.stand_in_dataset(
+        (config.dataset.image_size, config.dataset.image_size, config.dataset.channels))
   run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
   abstract = run.abstract_state()
   shardings = jax.tree.map(lambda a: a.sharding, abstract)

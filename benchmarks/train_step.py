@@ -19,28 +19,16 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks.run import matmul_peak_flops
 from diffusion_jax import build, train_state
 from diffusion_jax import train_step as train_step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Model and batch config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
 
 
 def measure(config, steps: int) -> dict:
@@ -81,7 +69,7 @@ def measure(config, steps: int) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
-  peak = matmul_peak_flops()
+  peak = matmul_peak_flops("float32")
   results = {"device": str(jax.devices()[0]), "num_devices": jax.device_count(), "batch_size": config.batch_size,
              "matmul_peak_gflop_s": round(peak / 1e9, 1)}
   for policy in ("none", "full"):
