@@ -48,6 +48,25 @@ def test_guidance_one_ignores_the_unconditional_prompt(setup):
   assert not np.allclose(fn(params, tokens, empty, threes, key), fn(params, tokens, negative, threes, key))
 
 
+def test_sampling_without_guidance_equals_guidance_scale_one(setup, model_and_params):  # pylint: disable=redefined-outer-name
+  """guide=False (evaluation's path at scale 1, one forward pass per step) is the doubled batch's s = 1:
+  the same conditional prediction, to float rounding of a different batch size."""
+  fn, params, tok = setup
+  model = model_and_params[0]
+  schedule = schedules.make_schedule("cosine", tiny_config().diffusion.num_timesteps)
+  conditional = jax.jit(generation.make_sample(model, schedule, samplers.SamplerOptions(num_steps=4), PixelSpace(),
+                                               guide=False))
+  tokens = {"tokens": jnp.asarray(tok.encode_batch(["3", "the number four"]))}
+  empty = {"tokens": jnp.asarray(tok.encode_batch(["", ""]))}
+  key = jax.random.PRNGKey(5)
+  guided_at_one = np.asarray(fn(params, tokens, empty, jnp.ones((2,)), key))
+  np.testing.assert_allclose(np.asarray(conditional(params, tokens, empty, jnp.ones((2,)), key)), guided_at_one,
+                             atol=1e-5)
+  # Its scales are unused: it is not a guided sampler with another default.
+  np.testing.assert_allclose(np.asarray(conditional(params, tokens, empty, jnp.full((2,), 3.0), key)),
+                             guided_at_one, atol=1e-5)
+
+
 def test_bad_sampler_settings_are_clear_errors(setup):
   _, _, _ = setup
   schedule = schedules.make_schedule("cosine", 100)

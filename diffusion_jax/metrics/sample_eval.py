@@ -177,17 +177,26 @@ class SampleEvaluator:
     self._batch = mesh_lib.batch_sharding(run.mesh)
     self._replicated = mesh_lib.replicated(run.mesh)
     self._network_variables = _to_global(network.variables, self._replicated)
-    sample = generation.make_sample(run.model, run.schedule, options, run.autoencoder)
+    self._options = options
+    self._steps: dict[bool, Any] = {}  # guide → jitted sample-and-featurize, compiled on first use.
 
-    def sample_and_featurize(params, network_variables, inputs, null_inputs, scales, rng):
-      images = _uint8(sample(params, inputs, null_inputs, scales, rng))
-      features, logits = network.apply(network_variables, images)
-      return images, features, logits
+  def _step(self, guide: bool):
+    """The jitted (params, network variables, inputs, null inputs, scales [b], rng) → (uint8 images,
+    features, logits) that samples with guidance (`guide`) or from the conditional prediction alone."""
+    if guide not in self._steps:
+      sample = generation.make_sample(self.run.model, self.run.schedule, self._options, self.run.autoencoder,
+                                      guide=guide)
+      network = self.network
 
-    self._step = jax.jit(sample_and_featurize,
-                         in_shardings=(self._replicated, self._replicated, self._batch, self._batch, self._batch,
-                                       self._replicated),
-                         out_shardings=self._replicated)
+      def sample_and_featurize(params, network_variables, inputs, null_inputs, scales, rng):
+        images = _uint8(sample(params, inputs, null_inputs, scales, rng))
+        features, logits = network.apply(network_variables, images)
+        return images, features, logits
+
+      self._steps[guide] = jax.jit(
+          sample_and_featurize, out_shardings=self._replicated,
+          in_shardings=(self._replicated, self._replicated, self._batch, self._batch, self._batch, self._replicated))
+    return self._steps[guide]
 
   def _requests(self, setting: Setting, indices: np.ndarray) -> tuple[list[Any], np.ndarray]:
     """(requests, requested labels) of global sample indices: labels cycle through the classes, so
@@ -216,13 +225,15 @@ class SampleEvaluator:
     grid = []
     progress = Progress(f"sampling {setting.name or 'unconditional'}", n)
     scale = 1.0 if setting.guidance_scale is None else setting.guidance_scale
+    # Scale 1 is the conditional prediction: no unconditional half of the batch to evaluate.
+    step = self._step(guide=scale != 1.0)
     for batch_index, start in enumerate(range(0, n, b)):
       indices = np.arange(start, start + b)
       requests, labels = self._requests(setting, indices)
       inputs = conditioning.inputs_for(requests)
       null = conditioning.null_inputs(b, self.negative_prompt)
       rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), batch_index)
-      images, features, logits = self._step(
+      images, features, logits = step(
           params, self._network_variables, _to_global(inputs, self._batch), _to_global(null, self._batch),
           _to_global(np.full((b,), scale, np.float32), self._batch), _to_global(jax.device_get(rng), self._replicated))
       valid = min(b, n - start)
