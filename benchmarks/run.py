@@ -1,7 +1,8 @@
 """Benchmarks against the peer (diffusers' Flax Stable Diffusion U-Net), on the same U-Net layout.
 
-  python -m benchmarks.run [--suite=train,sampler,startup,memory,input | all] [--config=small,medium]
+  python -m benchmarks.run [--suite=train,sampler,startup,memory,input,profile | all] [--config=small,medium]
                            [--out=results.json] [--steps=5] [--blocks=3] [--sampler_steps=50] [--dtype=bfloat16]
+                           [--trace_dir=DIR]
 
 Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
 - train: our production train step (build.build → run.create_state → train_step.make_train_step, text
@@ -12,12 +13,16 @@ Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
   run in the compute dtype, compiled peak memory.
 - sampler: our scan sampler (generation.make_sample_fn, DDIM, guidance 7.5) vs the fori_loop of
   FlaxStableDiffusionPipeline._generate, 4 prompts: s/call, s/image, compile s, ratio_vs_peer.
-- startup: creating our sharded train state, compiling our step, and compiling it in a fresh process
+- startup: creating our sharded train state, compiling our step, and both again in a fresh process
   with JAX's persistent compilation cache cold and then warm.
 - memory: our step's compiled peak memory (arguments + outputs + temporaries − donated aliases) and
   step time for remat policies none / full / dots.
 - input: the input pipeline's examples/s (digits, at the preset's batch size) over the images/s our
   train step consumes (input_headroom; > 1: the pipeline keeps up).
+- profile: a jax.profiler trace of `steps` train steps of each side (TensorBoard or ui.perfetto.dev) and
+  where the time goes: ms per step and share of the op time by category (convolution, matmul, attention
+  kernel, reduction, transpose/copy, select, elementwise, collective) and the costliest ops
+  (benchmarks/profile.py); the results hold the trace directory.
 
 Timings are taken side by side: blocks of `steps` calls alternate between ours and the peer and the
 median block is reported (the JSON has every block), so a noisy shared machine slows both alike. In this
@@ -28,6 +33,7 @@ the cache separately). Neither side runs a VAE or a frozen CLIP: inputs are S×S
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -45,13 +51,14 @@ from absl import app, flags
 
 from benchmarks import peer as peer_lib
 from benchmarks import presets
+from benchmarks import profile as profile_lib
 from diffusion_jax import build, generation, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.config import COMPUTE_DTYPES
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
 
-SUITES = ("train", "sampler", "startup", "memory", "input")
+SUITES = ("train", "sampler", "startup", "memory", "input", "profile")
 REMAT_POLICIES = ("none", "full", "dots")
 SAMPLER_PROMPTS = 4
 GUIDANCE_SCALE = 7.5
@@ -137,6 +144,16 @@ def matmul_peak_flops(dtype: str) -> float:
   return best
 
 
+@dataclasses.dataclass
+class CompiledStep:
+  """A compiled train step bound to its state and batch: run_once() runs one step (and returns what to
+  block on); state() is the holder of the current state; info: compile time, FLOPs, memory."""
+  compiled: Any
+  run_once: Callable[[], Any]
+  state: Callable[[], dict]
+  info: dict
+
+
 class Bench:
   """One preset's pieces, built on first use and shared by the suites."""
 
@@ -147,6 +164,7 @@ class Bench:
     self.trained_params = None
     self._peer_unet = None
     self._peer_params = None
+    self._steps: dict[str, CompiledStep] = {}
 
   # Ours.
   def batch(self) -> dict[str, jax.Array]:
@@ -191,6 +209,28 @@ class Bench:
           jax.random.PRNGKey(0))
     return self.trained_params
 
+  def our_train_step(self) -> "CompiledStep":
+    """Our production train step on a fresh state, compiled (once per preset: the suites share it); info:
+    create_state_s, compile_s, step_gflop, peak_mib."""
+    if "ours" in self._steps:
+      return self._steps["ours"]
+    p = self.preset
+    _log(f"[{p.name}] train: creating our train state")
+    (state, _), create_s = _timed(lambda: self.run.create_state(jax.random.PRNGKey(0)))
+    batch = self.batch()
+    _log(f"[{p.name}] train: compiling ours")
+    compiled, compile_s = self.compile_step(self.run, state, batch)
+    holder = {"state": state}
+
+    def run_once():
+      holder["state"], metrics = compiled(holder["state"], batch)
+      return metrics
+
+    self._steps["ours"] = CompiledStep(compiled, run_once, lambda: holder, {
+        "create_state_s": create_s, "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9,
+        "peak_mib": _peak_mib(compiled)})
+    return self._steps["ours"]
+
   # The peer.
   def peer_unet(self):
     if self._peer_unet is None:
@@ -202,6 +242,33 @@ class Bench:
     if self._peer_params is None:
       self._peer_params = peer_lib.init_peer_params(self.peer_unet(), seed=0)
     return jax.tree.map(jnp.copy, self._peer_params)
+
+  def peer_train_step(self) -> "CompiledStep":
+    """diffusers' train_text_to_image_flax.py step on random latents and context, compiled (once per
+    preset); info: compile_s, step_gflop, peak_mib."""
+    if "peer" in self._steps:
+      return self._steps["peer"]
+    p = self.preset
+    _log(f"[{p.name}] train: compiling the peer")
+    init, step = peer_lib.make_peer_train_step(self.peer_unet())
+    holder = {"state": init(self.peer_params())}
+    rng = np.random.default_rng(1)
+    s, c = p.image_size, presets.LATENT_CHANNELS
+    batch = {"latents": jnp.asarray(rng.standard_normal((p.batch_size, c, s, s), np.float32)),
+             "context": jnp.asarray(rng.standard_normal((p.batch_size, p.context_length, p.context_width),
+                                                        np.float32)),
+             "rng": jax.random.PRNGKey(2)}
+    start = time.perf_counter()
+    compiled = step.lower(holder["state"], batch).compile()
+    compile_s = time.perf_counter() - start
+
+    def run_once():
+      holder["state"], loss = compiled(holder["state"], batch)
+      return loss
+
+    self._steps["peer"] = CompiledStep(compiled, run_once, lambda: holder, {
+        "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9, "peak_mib": _peak_mib(compiled)})
+    return self._steps["peer"]
 
   def peer_forward(self, params, x_nchw, t, context):
     return self.peer_unet().apply({"params": params}, x_nchw, t, context).sample
@@ -247,48 +314,18 @@ def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: b
   if not _runs_here(p):
     out["note"] = f"{p.name} runs on an accelerator only: parameters and FLOPs here, no timings on CPU"
     return out
-  _log(f"[{p.name}] train: creating our train state")
-  (state, _), out["create_state_s"] = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0)))
-  batch = bench.batch()
-  _log(f"[{p.name}] train: compiling ours")
-  ours, out["compile_s"] = bench.compile_step(bench.run, state, batch)
-  out["step_gflop"] = _cost_flops(ours) / 1e9
-  out["peak_mib"] = _peak_mib(ours)
-  holder = {"state": state}
-
-  def run_ours():
-    holder["state"], metrics = ours(holder["state"], batch)
-    return metrics
-
-  runners = {"ours": run_ours}
+  ours = bench.our_train_step()
+  out.update(ours.info)
+  runners = {"ours": ours.run_once}
   if with_peer:
-    _log(f"[{p.name}] train: compiling the peer")
-    unet = bench.peer_unet()
-    init, step = peer_lib.make_peer_train_step(unet)
-    peer_state = init(bench.peer_params())
-    rng = np.random.default_rng(1)
-    s, c = p.image_size, presets.LATENT_CHANNELS
-    peer_batch = {"latents": jnp.asarray(rng.standard_normal((p.batch_size, c, s, s), np.float32)),
-                  "context": jnp.asarray(rng.standard_normal((p.batch_size, p.context_length, p.context_width),
-                                                             np.float32)),
-                  "rng": jax.random.PRNGKey(2)}
-    start = time.perf_counter()
-    peer_step = step.lower(peer_state, peer_batch).compile()
-    out["peer_compile_s"] = time.perf_counter() - start
-    out["peer_step_gflop"] = _cost_flops(peer_step) / 1e9
-    out["peer_peak_mib"] = _peak_mib(peer_step)
-    holder["peer"] = peer_state
-
-    def run_peer():
-      holder["peer"], loss = peer_step(holder["peer"], peer_batch)
-      return loss
-
-    runners["peer"] = run_peer
+    peer = bench.peer_train_step()
+    out.update({f"peer_{k}": v for k, v in peer.info.items()})
+    runners["peer"] = peer.run_once
   for run_once in runners.values():  # Warm-up: first calls allocate.
     jax.block_until_ready(run_once())
   _log(f"[{p.name}] train: timing {blocks} blocks of {steps} steps per side")
   seconds = interleaved_seconds(runners, blocks, steps)
-  bench.trained_params = holder["state"].params  # The sampler suite reuses them (saves an init compile).
+  bench.trained_params = ours.state()["state"].params  # The sampler suite reuses them (saves an init compile).
   for side, prefix in (("ours", ""), ("peer", "peer_")):
     if side not in seconds:
       continue
@@ -300,6 +337,24 @@ def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: b
     out[f"{prefix}fraction_of_matmul_peak"] = achieved / peak
   if with_peer:
     out["ratio_vs_peer"] = out["images_per_s"] / out["peer_images_per_s"]
+  return out
+
+
+def bench_profile(bench: Bench, steps: int, trace_dir: str, with_peer: bool) -> dict:
+  """A jax.profiler trace of `steps` train steps of ours (and of the peer's) and where their time goes
+  (benchmarks/profile.py): ms per call by op category and the costliest ops."""
+  p = bench.preset
+  if not _runs_here(p):
+    return {"note": f"{p.name} runs on an accelerator only: no profile on CPU"}
+  out = {}
+  sides = [("ours", bench.our_train_step)] + ([("peer", bench.peer_train_step)] if with_peer else [])
+  for side, make in sides:
+    step = make()
+    jax.block_until_ready(step.run_once())
+    _log(f"[{p.name}] profile: tracing {steps} steps of {side}")
+    out[side] = profile_lib.trace_and_break_down(step.run_once, step.compiled, calls=steps,
+                                                 trace_dir=os.path.join(trace_dir, p.name, side))
+    print(profile_lib.format_breakdown(f"[{p.name}] {side}", out[side]), flush=True)
   return out
 
 
@@ -359,11 +414,14 @@ print(json.dumps(run.compile_in_this_process({name!r}, {dtype!r}, start)))
 
 
 def compile_in_this_process(name: str, dtype: str, process_start: float) -> dict:
-  """Builds the preset's run and compiles its train step from the abstract state (nothing allocated);
-  the child process of the startup suite."""
+  """Builds the preset's run, creates its sharded train state and compiles its train step (from the
+  abstract state, as a resumed job does); the child process of the startup suite."""
   bench = Bench(presets.get(name), dtype)
+  state, create_state_s = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0))[0])
+  del state
   _, compile_s = bench.compile_step(bench.run, bench.run.abstract_state(), bench.abstract_batch())
-  return {"compile_s": compile_s, "process_s": time.perf_counter() - process_start}
+  return {"create_state_s": create_state_s, "compile_s": compile_s,
+          "process_s": time.perf_counter() - process_start}
 
 
 def bench_startup(bench: Bench, train: dict | None) -> dict:
@@ -393,6 +451,7 @@ def bench_startup(bench: Bench, train: dict | None) -> dict:
         break
       child = json.loads(result.stdout.strip().splitlines()[-1])
       out[f"{which}_cache_compile_s"] = child["compile_s"]
+      out[f"{which}_cache_create_state_s"] = child["create_state_s"]
       out[f"{which}_cache_process_s"] = child["process_s"]
   return out
 
@@ -479,9 +538,11 @@ def default_presets() -> list[str]:
 
 def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, blocks: int = 3,
                    sampler_steps: int = 50, dtype: str | None = None, data_dir: str = "",
-                   out: str = "") -> dict:
-  """Runs `suites` for each preset in `names`; returns the results (written to `out` as JSON if given)."""
-  why_no_peer = peer_lib.available() if {"train", "sampler"} & set(suites) else "not needed"
+                   out: str = "", trace_dir: str = "") -> dict:
+  """Runs `suites` for each preset in `names`; returns the results (written to `out` as JSON if given).
+  The profile suite's traces go to `trace_dir` (default: beside `out`, or ./benchmark_traces)."""
+  why_no_peer = peer_lib.available() if {"train", "sampler", "profile"} & set(suites) else "not needed"
+  trace_dir = trace_dir or (os.path.splitext(out)[0] + "_traces" if out else "benchmark_traces")
   with_peer = why_no_peer is None
   if not with_peer and why_no_peer != "not needed":
     _log(f"peer skipped: {why_no_peer}")
@@ -517,6 +578,8 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
         entry["memory"] = bench_memory(bench, steps, blocks)
       if "input" in suites:
         entry["input"] = bench_input(bench, entry.get("train"), steps, blocks, data_dir)
+      if "profile" in suites:
+        entry["profile"] = bench_profile(bench, steps, trace_dir, with_peer)
       results["configs"][name] = entry
   if out:
     with open(out, "w", encoding="utf-8") as f:
@@ -587,6 +650,8 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     if startup and "create_state_s" in startup:
       row("startup", "create_state s", startup["create_state_s"])
       row("startup", "compile s (in process)", startup.get("compile_s"))
+      row("startup", "create_state s, cache cold", startup.get("cold_cache_create_state_s"))
+      row("startup", "create_state s, cache warm", startup.get("warm_cache_create_state_s"))
       row("startup", "compile s, cache cold", startup.get("cold_cache_compile_s"))
       row("startup", "compile s, cache warm", startup.get("warm_cache_compile_s"))
       row("startup", "process s, cache cold", startup.get("cold_cache_process_s"))
@@ -601,7 +666,11 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     if inp and "examples_per_s" in inp:
       row("input", "pipeline examples/s", inp["examples_per_s"])
       row("input", "input_headroom", inp.get("input_headroom"))
-    for suite in ("train", "sampler", "startup", "memory", "input"):
+    for side, prefix in (("ours", ""), ("peer", "peer ")):
+      prof = (entry.get("profile") or {}).get(side)
+      for category, share in ((c, r["share"]) for c, r in (prof or {}).get("categories", {}).items()):
+        row("profile", f"{prefix}{category} share of op time", share)
+    for suite in SUITES:
       note = (entry.get(suite) or {}).get("note")
       if note:
         rows.append((name, suite, note, "", "", ""))
@@ -645,6 +714,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("blocks", 3, "Timed blocks per side; the median block is reported.", lower_bound=1)
   flags.DEFINE_integer("sampler_steps", 50, "DDIM steps of the sampler suite.", lower_bound=1, upper_bound=1000)
   flags.DEFINE_enum("dtype", None, list(COMPUTE_DTYPES), "Compute dtype of both networks (default: the preset's).")
+  flags.DEFINE_string("trace_dir", "", "Where the profile suite writes its traces (default: beside --out, or "
+                      "./benchmark_traces).")
   flags.DEFINE_string("data_dir", "", "TFDS data dir holding the prepared digits dataset (input suite; default: "
                       "the pipeline's).")
   flags.register_validator("suite", check_list(SUITES, "suite", ("all",)))
@@ -658,7 +729,7 @@ def main(argv):
   suites = list(SUITES) if "all" in f.suite else [s for s in SUITES if s in f.suite]
   names = f.config or default_presets()
   results = run_benchmarks(names, suites, steps=f.steps, blocks=f.blocks, sampler_steps=f.sampler_steps,
-                           dtype=f.dtype, data_dir=f.data_dir, out=f.out)
+                           dtype=f.dtype, data_dir=f.data_dir, out=f.out, trace_dir=f.trace_dir)
   print(format_table(results))
   if f.out:
     print(f"results: {f.out}")

@@ -86,7 +86,7 @@ def test_presets_derive_both_sides_from_one_layout():
 
 @pytest.fixture(scope="module", autouse=True)
 def end_to_end_run(tmp_path_factory):
-  """`python -m benchmarks.run` at `tiny` (train and sampler, one step each), started before this module's
+  """`python -m benchmarks.run` at `tiny` (train, sampler and profile, one step each), started before this module's
   other tests so that its minute of compiling on one core overlaps them. XLA's LLVM optimizations are off
   in it (a third less compile time): the test checks what the suite does and writes, not its numbers."""
   if _NO_PEER is not None:
@@ -96,8 +96,8 @@ def end_to_end_run(tmp_path_factory):
   flags = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
   process = subprocess.Popen(
-      [sys.executable, "-m", "benchmarks.run", "--suite=train,sampler", "--config=tiny", "--steps=1", "--blocks=1",
-       "--sampler_steps=2", f"--out={out}"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+      [sys.executable, "-m", "benchmarks.run", "--suite=train,sampler,profile", "--config=tiny", "--steps=1",
+       "--blocks=1", "--sampler_steps=2", f"--out={out}"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   yield process, out
   if process.poll() is None:
@@ -120,6 +120,15 @@ def test_suite_runs_end_to_end_at_tiny(end_to_end_run):
   assert sampler["s_per_image"] > 0 and sampler["peer_compile_s"] > 0
   table = stdout.splitlines()
   assert any(line.split()[:3] == ["tiny", "train", "images/s"] for line in table), stdout
+  # Both steps profiled, their traces beside results.json; a U-Net step's op time is mostly
+  # convolutions and matmuls, and the shares add up.
+  for side in ("ours", "peer"):
+    prof = written["configs"]["tiny"]["profile"][side]
+    assert prof["trace_dir"] == os.path.join(str(out)[:-5] + "_traces", "tiny", side)
+    assert any(f.endswith("perfetto_trace.json.gz") for _, _, fs in os.walk(prof["trace_dir"]) for f in fs)
+    shares = {c: r["share"] for c, r in prof["categories"].items()}
+    assert {"convolution", "matmul"} <= set(shares) and abs(sum(shares.values()) - 1) < 1e-3, shares
+  assert any(line.split()[:2] == ["tiny", "profile"] for line in table), stdout
 
 
 def test_missing_diffusers_is_a_one_line_note(monkeypatch):
