@@ -3,7 +3,8 @@
   breakdown = profile.trace_and_break_down(run_once, compiled, calls=3, trace_dir="traces/small/ours")
 
 The trace (`trace_dir/plugins/profile/<run>/`, with a Perfetto `perfetto_trace.json.gz`) opens in
-TensorBoard's profile plugin or ui.perfetto.dev. The breakdown joins the trace's op events to the
+TensorBoard's profile plugin or ui.perfetto.dev; `trace_dir/module.hlo.txt` is the compiled module whose
+instructions the op events name. The breakdown joins the trace's op events to the
 compiled HLO (`compiled.as_text()`): each op is put in one category by what it computes (a fusion by
 the most expensive kind of op it contains), and the ms per call of each category, its share of the op
 time, and the costliest ops (with the JAX source they came from) are returned.
@@ -191,7 +192,10 @@ def trace_and_break_down(run_once: Callable[[], Any], compiled, *, calls: int, t
       result = run_once()
     jax.block_until_ready(result)
     wall_s = time.perf_counter() - start
-  out = break_down(_load_trace_events(trace_dir), HloOps(compiled.as_text()), calls, wall_s)
+  hlo_text = compiled.as_text()
+  with open(os.path.join(trace_dir, "module.hlo.txt"), "w", encoding="utf-8") as f:
+    f.write(hlo_text)  # The trace's op names are this module's instructions.
+  out = break_down(_load_trace_events(trace_dir), HloOps(hlo_text), calls, wall_s)
   out["trace_dir"] = trace_dir
   return out
 

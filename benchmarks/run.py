@@ -666,10 +666,16 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     if inp and "examples_per_s" in inp:
       row("input", "pipeline examples/s", inp["examples_per_s"])
       row("input", "input_headroom", inp.get("input_headroom"))
-    for side, prefix in (("ours", ""), ("peer", "peer ")):
-      prof = (entry.get("profile") or {}).get(side)
-      for category, share in ((c, r["share"]) for c, r in (prof or {}).get("categories", {}).items()):
-        row("profile", f"{prefix}{category} share of op time", share)
+    prof = entry.get("profile") or {}
+    if "ours" in prof:
+      ours_p, peer_p = prof["ours"], prof.get("peer", {})
+      row("profile", "traced ms/step (wall)", ours_p["wall_ms_per_call"], peer_p.get("wall_ms_per_call"),
+          _ratio(ours_p["wall_ms_per_call"], peer_p.get("wall_ms_per_call")))
+      for category in profile_lib.CATEGORIES:
+        ours_c, peer_c = ours_p["categories"].get(category), peer_p.get("categories", {}).get(category)
+        if ours_c or peer_c:
+          ours_ms, peer_ms = (ours_c or {}).get("ms"), (peer_c or {}).get("ms")
+          row("profile", f"{category} ms/step", ours_ms, peer_ms, _ratio(ours_ms, peer_ms))
     for suite in SUITES:
       note = (entry.get(suite) or {}).get("note")
       if note:

@@ -52,5 +52,6 @@ def test_trace_breakdown_finds_the_matmul_dominant(tmp_path):
   assert 0 < out["op_ms_per_call"] and 0 < out["wall_ms_per_call"]
   traces = [f for _, _, fs in os.walk(tmp_path / "trace") for f in fs if f.endswith("perfetto_trace.json.gz")]
   assert traces  # Opens in ui.perfetto.dev; the .xplane.pb beside it in TensorBoard.
+  assert "ENTRY" in (tmp_path / "trace" / "module.hlo.txt").read_text()
   text = profile.format_breakdown("program", out)
   assert "matmul" in text.splitlines()[1]  # The costliest category first.
