@@ -147,10 +147,10 @@ def matmul_peak_flops(dtype: str) -> float:
 @dataclasses.dataclass
 class CompiledStep:
   """A compiled train step bound to its state and batch: run_once() runs one step (and returns what to
-  block on); state() is the holder of the current state; info: compile time, FLOPs, memory."""
+  block on); state() is the current state; info: compile time, FLOPs, memory."""
   compiled: Any
   run_once: Callable[[], Any]
-  state: Callable[[], dict]
+  state: Callable[[], Any]
   info: dict
 
 
@@ -226,7 +226,7 @@ class Bench:
       holder["state"], metrics = compiled(holder["state"], batch)
       return metrics
 
-    self._steps["ours"] = CompiledStep(compiled, run_once, lambda: holder, {
+    self._steps["ours"] = CompiledStep(compiled, run_once, lambda: holder["state"], {
         "create_state_s": create_s, "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9,
         "peak_mib": _peak_mib(compiled)})
     return self._steps["ours"]
@@ -266,7 +266,7 @@ class Bench:
       holder["state"], loss = compiled(holder["state"], batch)
       return loss
 
-    self._steps["peer"] = CompiledStep(compiled, run_once, lambda: holder, {
+    self._steps["peer"] = CompiledStep(compiled, run_once, lambda: holder["state"], {
         "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9, "peak_mib": _peak_mib(compiled)})
     return self._steps["peer"]
 
@@ -325,7 +325,7 @@ def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: b
     jax.block_until_ready(run_once())
   _log(f"[{p.name}] train: timing {blocks} blocks of {steps} steps per side")
   seconds = interleaved_seconds(runners, blocks, steps)
-  bench.trained_params = ours.state()["state"].params  # The sampler suite reuses them (saves an init compile).
+  bench.trained_params = ours.state().params  # The sampler suite reuses them (saves an init compile).
   for side, prefix in (("ours", ""), ("peer", "peer_")):
     if side not in seconds:
       continue
@@ -424,19 +424,14 @@ def compile_in_this_process(name: str, dtype: str, process_start: float) -> dict
           "process_s": time.perf_counter() - process_start}
 
 
-def bench_startup(bench: Bench, train: dict | None) -> dict:
+def bench_startup(bench: Bench) -> dict:
   p = bench.preset
   out = {}
   if not _runs_here(p):
     out["note"] = f"{p.name} runs on an accelerator only: no startup timings on CPU"
     return out
-  if train and "compile_s" in train:  # Measured there already, in this process.
-    out["create_state_s"], out["compile_s"] = train["create_state_s"], train["compile_s"]
-  else:
-    _log(f"[{p.name}] startup: creating the train state")
-    (state, _), out["create_state_s"] = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0)))
-    _, out["compile_s"] = bench.compile_step(bench.run, state, bench.batch())
-    del state
+  info = bench.our_train_step().info  # In this process; measured once per preset (the train suite's too).
+  out["create_state_s"], out["compile_s"] = info["create_state_s"], info["compile_s"]
   with tempfile.TemporaryDirectory() as cache_dir:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
@@ -573,7 +568,7 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
       if "sampler" in suites:
         entry["sampler"] = bench_sampler(bench, sampler_steps, blocks, with_peer)
       if "startup" in suites:
-        entry["startup"] = bench_startup(bench, entry.get("train"))
+        entry["startup"] = bench_startup(bench)
       if "memory" in suites:
         entry["memory"] = bench_memory(bench, steps, blocks)
       if "input" in suites:
