@@ -53,8 +53,9 @@ _TEMPLATES = flags.DEFINE_string("templates", "0", "Text models: the dataset's c
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Samples per setting (papers: 50000 for FID).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 250, "Global sampling batch (rounded up to a multiple of the "
                                    "devices).")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", list(samplers.SAMPLERS), "Sampler.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Sampler; default: the run's "
+                             "config.sampling.sampler.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps; default: the run's config.sampling.num_steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FEATURE_NETWORK = flags.DEFINE_string("feature_network", "", "Feature network: 'inception' (FID) or 'digits'; "
                                        "default: the dataset's.")
@@ -101,14 +102,22 @@ def _parse_templates(text: str, num_templates: int) -> list[int]:
   return templates
 
 
-def _check_counts(num_timesteps: int) -> None:
+def sampler_and_steps(config) -> tuple[str, int]:
+  """The sampler and its step count: --sampler and --steps, else the run's config.sampling."""
+  sampler = _SAMPLER.value or config.sampling.sampler
+  return sampler, config.sampling.num_steps if _STEPS.value is None else _STEPS.value
+
+
+def _check_counts(config) -> None:
   """The sample counts, --steps and --nll_timesteps against the run's T = config.diffusion.num_timesteps."""
+  num_timesteps = config.diffusion.num_timesteps
   for flag in (_NUM_SAMPLES, _BATCH_SIZE, _MAX_FEATURES):
     if flag.value < sample_eval.MIN_SAMPLES:
       raise UserError(f"--{flag.name}={flag.value} is not allowed; give an integer >= {sample_eval.MIN_SAMPLES} "
                       f"(precision/recall compares each sample with its 3 nearest neighbours)")
-  if not 1 <= _STEPS.value <= num_timesteps:
-    raise UserError(f"--steps={_STEPS.value} is not allowed; give an integer in [1, {num_timesteps}] "
+  _, steps = sampler_and_steps(config)
+  if not 1 <= steps <= num_timesteps:
+    raise UserError(f"--steps={steps} is not allowed; give an integer in [1, {num_timesteps}] "
                     f"(config.diffusion.num_timesteps={num_timesteps})")
   if not -1 <= _NLL_TIMESTEPS.value <= num_timesteps:
     raise UserError(f"--nll_timesteps={_NLL_TIMESTEPS.value} is not allowed; give -1 (skip the NLL), 0 (all "
@@ -137,7 +146,8 @@ class Job:
     network = _FEATURE_NETWORK.value or self.run.dataset.feature_network
     features_lib.check_images(network, self.run.dataset.image_shape)
     reference = _REFERENCE_STATS.value or f"{self.run.dataset.name}/{self.run.dataset.train_split}"
-    self.fixed_settings = dict(num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value, steps=_STEPS.value,
+    sampler, steps = sampler_and_steps(config)
+    self.fixed_settings = dict(num_samples=_NUM_SAMPLES.value, sampler=sampler, steps=steps,
                                seed=_SEED.value, feature_network=network, reference=reference,
                                nll_timesteps=_NLL_TIMESTEPS.value,
                                # Recorded resolved ('auto' → the run's own), and refused before any work.
@@ -183,7 +193,8 @@ class Job:
   def evaluate(self, step: int | None) -> dict:
     """Evaluates checkpoint `step` (None: the newest good one); writes and returns its record."""
     if self.evaluator is None:
-      options = generation.sampler_options(self.config, sampler=_SAMPLER.value, num_steps=_STEPS.value)
+      options = generation.sampler_options(self.config, sampler=self.fixed_settings["sampler"],
+                                           num_steps=self.fixed_settings["steps"])
       self.evaluator = sample_eval.create_evaluator(
           self.run, feature_network=self.network_name, inception_weights=_INCEPTION_WEIGHTS.value,
           cache=_CACHE_DIR.value, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, options=options,
@@ -256,7 +267,7 @@ def main(argv):
   config = inference.read_config(_WORKDIR.value)
   dataset = registry.get(config.dataset.name)
   templates = _parse_templates(_TEMPLATES.value, dataset.num_caption_templates)
-  _check_counts(config.diffusion.num_timesteps)
+  _check_counts(config)
   _check_writable(run_files.metrics_path(_WORKDIR.value, _OUT.value, step=0).parent)
   steps = inference.checkpoint_steps(_WORKDIR.value)
   if not steps and not _WATCH.value:

@@ -203,6 +203,9 @@ def test_evaluate_merges_refuses_overwrites(trained, data_dir, tmp_path):
   assert read() == record
   evaluate_ok("--steps=3", "--guidance_scales=1", "--overwrite")
   assert read()["steps"] == 3 and accuracy(read()) == ["accuracy/template_0/guidance_1"]
+  # Without --sampler and --steps, the run's own config.sampling (the smoke config: DDIM, 5 steps).
+  evaluate_ok("--guidance_scales=1", "--overwrite")
+  assert (read()["sampler"], read()["steps"]) == ("ddim", 5)
   assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
 
 
