@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import jax
 import numpy as np
 from absl import logging
@@ -18,7 +20,7 @@ from diffusion_jax.errors import Interrupted, NonFiniteError
 from diffusion_jax.metrics import held_out_loss, sample_eval
 from diffusion_jax.metrics import writers as metric_writers
 from diffusion_jax.parallel import mesh as mesh_lib
-from diffusion_jax.train_step import check_batch_divisibility, global_batch, make_train_step
+from diffusion_jax.train_step import abstract_global_batch, check_batch_divisibility, global_batch, make_train_step
 
 
 def train_and_evaluate(config, workdir: paths.PathLike) -> train_state.TrainState:
@@ -44,13 +46,15 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   run = build_lib.build(config)
   check_batch_divisibility(config, run.mesh)
   log_topology(run.mesh, workdir)
+  abstract = run.abstract_state()
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  step_fn = make_train_step(run, shardings)
+  step_compiled = compile_in_background(step_fn, abstract, run)
   tokenizer = getattr(run.conditioning, "tokenizer", None)
   train_iter = pipeline.create_train_iterator(config, tokenizer=tokenizer)
   batch_keys = ("image",) + tuple(run.conditioning.input_keys)
   checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
                               keep_best=config.keep_best_checkpoints, best_metric="eval_loss")
-  abstract = run.abstract_state()
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
   restored_step, state = checkpointer.restore_latest_good(
       lambda step: checkpointer.restore(step, abstract, train_iter))
   if state is None:
@@ -61,7 +65,6 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
                ", ".join(f"{name} {train_state.param_count(p):,}" for name, p in state.params.items()))
   initial_step = int(jax.device_get(state.step))
 
-  step_fn = make_train_step(run, shardings)
   sample_fn = generation.make_sample_fn(run.model, run.schedule, generation.sampler_options(config), run.autoencoder)
   rows = generation.grid_requests(config, run.dataset, run.conditioning.kind)
   requests = [r for r in rows for _ in range(config.sampling.num_per_prompt)]
@@ -75,6 +78,7 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                              every_steps=config.log_every_steps)
   pending_metrics: list[dict[str, jax.Array]] = []  # Since the last log line, one per step.
+  step_compiled.result()  # Raises what the compilation raised.
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
   stop = False
   try:
@@ -132,6 +136,25 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
       raise Interrupted(f"interrupted by Ctrl-C; step {step} is saved in {checkpointer.directory}. "
                         f"Run the same command to resume")
   return state
+
+
+def compile_in_background(step_fn, abstract_state, run) -> concurrent.futures.Future:
+  """Starts compiling `step_fn` for the state's and the global batch's shapes and shardings on another
+  thread; returns its future.
+
+  Meanwhile this thread prepares the data and creates or restores the state. Both sides are mostly
+  one-core work (XLA compiles, dataset preparation, checkpoint reads), so start-up costs about the longer
+  of the two instead of their sum. jit reuses the compiled program at the first step (a batch of other
+  shapes would only compile again).
+  """
+  def compile_step():
+    with mesh_lib.activate(run.mesh, run.rules):  # As in the training loop, which calls the step.
+      step_fn.lower(abstract_state, abstract_global_batch(run)).compile()
+
+  executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_train_step")
+  future = executor.submit(compile_step)
+  executor.shutdown(wait=False)
+  return future
 
 
 def log_topology(mesh, workdir) -> None:

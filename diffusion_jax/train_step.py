@@ -128,6 +128,18 @@ def global_batch(local: dict[str, np.ndarray], mesh, keys: tuple[str, ...]) -> d
   return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in keys}
 
 
+def abstract_global_batch(run) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch as the input pipeline delivers it, as shapes, dtypes and shardings: 'image' uint8
+  [B, S, S, C] of config.dataset's size and channels, plus the conditioning inputs. For compiling the
+  step before any data is read."""
+  config, sharding = run.config, mesh_lib.batch_sharding(run.mesh)
+  size, b = config.dataset.image_size, config.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, size, size, config.dataset.channels), jnp.uint8, sharding=sharding)}
+  batch.update({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                for k, v in run.conditioning.null_inputs(b).items()})
+  return batch
+
+
 def check_batch_divisibility(config, mesh) -> None:
   """The global batch must split evenly over processes, data-parallel devices and micro-batches."""
   dp, k = mesh_lib.data_parallel_size(mesh), config.gradient_accumulation_steps

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import shutil
 
@@ -78,11 +79,35 @@ def test_checkpoint_restores_identical_state_and_data_position(config, tmp_path)
   np.testing.assert_array_equal(next(fresh_it)["tokens"], expected_next["tokens"])
 
 
+class _CompileCounter(logging.Handler):
+  """Counts XLA compilations of the train step (jax logs each one when jax_log_compiles is on)."""
+
+  def __init__(self):
+    super().__init__()
+    self.count = 0
+
+  def emit(self, record):
+    message = record.getMessage()
+    self.count += "Finished XLA compilation" in message and "train_step" in message
+
+  def __enter__(self):
+    jax.config.update("jax_log_compiles", True)  # Global, not a context: the step compiles on another thread.
+    logging.getLogger("jax").addHandler(self)
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("jax").removeHandler(self)
+    jax.config.update("jax_log_compiles", False)
+
+
 def test_train_writes_outputs_and_resumes_exactly(config, tmp_path):
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
   config.num_train_steps = 20
-  final = train.train_and_evaluate(config, straight)
+  with _CompileCounter() as compiles:
+    final = train.train_and_evaluate(config, straight)
   assert int(final.step) == 20
+  # The step compiled on a background thread during start-up is the program the loop runs: one compile.
+  assert compiles.count == 1
   # Contract files: config.json, metrics.jsonl, samples/step_N.png, checkpoints/<step>/, TB events.
   records = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
   losses_logged = [r for r in records if "loss" in r]
@@ -95,8 +120,10 @@ def test_train_writes_outputs_and_resumes_exactly(config, tmp_path):
   # A copy of the run that lost everything after step 10's checkpoint resumes to a bit-identical end.
   shutil.copytree(straight, split)
   shutil.rmtree(os.path.join(split, "checkpoints", "20"))
-  resumed = train.train_and_evaluate(config, split)
+  with _CompileCounter() as compiles:
+    resumed = train.train_and_evaluate(config, split)
   assert int(resumed.step) == 20
+  assert compiles.count == 1  # Also for a restored state.
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
