@@ -13,6 +13,6 @@ def get_config():
   config.sampling.guidance_scale = 1.0  # Nothing to guide.
   # The schedule and sampler its README results were measured with (the digits defaults until they changed).
   config.num_train_steps = 2000
-  config.diffusion.loss_weighting = "uniform"
+  config.optimizer.learning_rate = 1e-3
   config.sampling.num_steps = 50
   return config
