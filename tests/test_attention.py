@@ -40,6 +40,20 @@ def test_xla_path_is_masked_softmax_attention():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_xla_path_equals_jax_dot_product_attention(dtype, tol):
+  """Our written-out XLA attention against jax.nn.dot_product_attention: outputs and gradients."""
+  q, k, v = _qkv(dtype)
+  mask = _MASK[:, None, None, :]
+  ours = lambda q, k, v: attention.dot_product(q, k, v, _MASK, "xla")
+  jaxs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  as_f32 = lambda tree: [np.asarray(x, np.float32) for x in jax.tree.leaves(tree)]
+  np.testing.assert_allclose(*as_f32((ours(q, k, v), jaxs(q, k, v))), rtol=tol, atol=tol)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
+  for got, want in zip(as_f32(jax.grad(loss(ours), (0, 1, 2))(q, k, v)), as_f32(jax.grad(loss(jaxs), (0, 1, 2))(q, k, v))):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
 @pytest.mark.parametrize("masked, t, s", [(False, T, T), (True, T, S), (True, 130, S)])
 def test_splash_equals_xla_forward_and_gradients(masked, t, s):
   """Self-attention (16 tokens, padded to a block), cross-attention to 77 keys with a padded prompt, and

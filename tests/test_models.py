@@ -77,6 +77,27 @@ def test_attention_ignores_masked_context():
   np.testing.assert_allclose(out, attn.apply(params, x, ctx[:, :2], mask[:, :2]), atol=1e-6)
 
 
+def test_geglu_is_one_dense_split_into_value_and_gate():
+  """GEGLU computes on its kernel's halves; it is the same function, parameters and gradients as SD's
+  Dense(2F) → split → value · gelu(gate), whose parameters it shares."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  geglu = layers.GEGLU(features=12)
+  params = _randomize(geglu.init(jax.random.PRNGKey(1), x))
+  dense = layers.dense(24, ("embed", "mlp"))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, dense.init(jax.random.PRNGKey(1), x))
+
+  def split_dense(params, x):
+    value, gate = jnp.split(dense.apply(params, x), 2, axis=-1)
+    return value * nn.gelu(gate)
+
+  np.testing.assert_allclose(geglu.apply(params, x), split_dense(params, x), rtol=1e-6, atol=1e-6)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  grads = jax.grad(loss(geglu.apply), (0, 1))(params, x)
+  want = jax.grad(loss(split_dense), (0, 1))(params, x)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-5)
+
+
 def test_sinusoidal_embedding_closed_form():
   emb = layers.sinusoidal_embedding(jnp.array([0.0, 3.0]), 8)
   freqs = 10_000.0 ** (-np.arange(4) / 4)

@@ -2,7 +2,8 @@
 
     dot_product(q [B, T, H, D], k [B, S, H, D], v [B, S, H, D], key_mask [B, S] bool | None) → [B, T, H, D]
 
-- `xla`: `jax.nn.dot_product_attention` lowered by XLA; the full [B, H, T, S] score matrix is formed.
+- `xla`: two einsums and a softmax lowered by XLA (`jax.nn.dot_product_attention`'s numerics); the full
+  [B, H, T, S] score matrix is formed.
 - `cudnn`: cuDNN's fused flash attention (GPU; float16 / bfloat16, head width a multiple of 8 up to 128).
   It takes no broadcast [B, 1, 1, S] mask: the key mask is passed as per-example key lengths, which is the
   same mask because the tokenizer pads at the end (the valid keys are a prefix).
@@ -61,14 +62,24 @@ def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | 
   """softmax(q kᵀ / √D + mask) v per head; key_mask [B, S] True = attend (None: all keys)."""
   kind = resolve(implementation, q)
   if kind == "xla":
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1(heads), 1(T), S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return _xla(q, k, v, key_mask)
   if kind == "cudnn":
     lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
   if kind == "splash":
     return _splash_sharded(q, k, v, key_mask)
   raise ValueError(f"unknown attention implementation {kind!r}")
+
+
+def _xla(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  """Attention as two einsums and a float32 softmax, the numerics of jax.nn.dot_product_attention's
+  `xla` path. Written out because that path vmaps over query groups, after which XLA:CPU transposed
+  the [B, H, T, S] probabilities in the forward and backward passes (about 10% of a small U-Net's step)."""
+  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  if key_mask is not None:
+    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
 def _pad_to_block(x: jax.Array, axis: int) -> jax.Array:

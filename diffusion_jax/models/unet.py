@@ -97,8 +97,8 @@ class TransformerBlock(nn.Module):
     if context is not None:  # Class-conditional and unconditional models have no cross-attention.
       x = x + attn("cross_attn")(layers.layer_norm(dtype=self.dtype, name="ln_cross")(x), context, context_mask)
     h = layers.layer_norm(dtype=self.dtype, name="ln_ff")(x)
-    value, gate = jnp.split(layers.dense(8 * width, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h), 2, -1)
-    return x + layers.dense(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(value * nn.gelu(gate))
+    h = layers.GEGLU(4 * width, dtype=self.dtype, name="ff_in")(h)
+    return x + layers.dense(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(h)
 
 
 def _heads(channels: int, num_heads: int, head_dim: int) -> tuple[int, int]:
