@@ -74,7 +74,7 @@ def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
   """Attention as two einsums and a float32 softmax, the numerics of jax.nn.dot_product_attention's
   `xla` path. Written out because that path vmaps over query groups, after which XLA:CPU transposed
-  the [B, H, T, S] probabilities in the forward and backward passes (about 10% of a small U-Net's step)."""
+  the [B, H, T, S] probabilities in the forward and backward passes (about 7% of the traced small-preset step)."""
   logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
