@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax.models import initializers
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
 
@@ -59,10 +60,13 @@ def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTran
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation) -> TrainState:
-  """Boxed (nn.Partitioned) state: logical axis names travel with the leaves."""
+def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
+                abstract: bool = False) -> TrainState:
+  """Boxed (nn.Partitioned) state: logical axis names travel with the leaves. `abstract`: for eval_shape
+  only (the same shapes, without tracing the model a second time to pool the random draws)."""
   init_rng, state_rng = jax.random.split(rng)
-  params = model.init(init_rng, *model.dummy_inputs())["params"]
+  init_params = lambda r: model.init(r, *model.dummy_inputs())["params"]
+  params = init_params(init_rng) if abstract else initializers.pooled(init_params, init_rng)
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=state_rng,
                     nonfinite_steps=zero, nonfinite_streak=zero)
@@ -71,17 +75,19 @@ def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransfo
 def state_shardings(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
                     replicate_indivisible: bool = False) -> Any:
   """NamedShardings of the (unboxed) TrainState, from the parameters' logical axis names."""
-  abstract = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx))
+  abstract = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
   return mesh_lib.logical_to_sharding(abstract, mesh, rules, replicate_indivisible=replicate_indivisible)
 
 
-# The initializer runs once, but compiling it is most of the state's creation time: every parameter
-# array draws its values with its own threefry hash and inverse-CDF transform (~0.1 s of LLVM code
-# generation each on a CPU; with the draws replaced by zeros the program compiles in 1.3 s instead of
-# 17-21 s at configs/smoke.py). On the CPU it is therefore compiled without LLVM's optimizations, for a
-# program that runs for a fraction of a second: state creation went from 26.6 to 14.5 s at smoke and
-# from 25.0 to 14.8 s at digits. Values stay a deterministic function of the seed, equal on every mesh
-# (the same per-element code runs on each shard); they differ from an optimized build's in the last bits.
+# The initializer runs once, but compiling it is most of the state's creation time, and nearly all of that
+# compile is the random draws: a threefry hash and an inverse-CDF transform compiled per draw.
+# models/initializers.pooled makes one draw per group of alike arrays (92 kernels -> 24 draws at
+# configs/smoke.py, 251 -> 51 at the SD 2.1 layout), and on the CPU the program is compiled without LLVM's
+# optimizations, for a program that runs for a fraction of a second. State creation at smoke, timed in one
+# process: per-array draws, optimized 26.6 s; per-array, O0 13.7 s; pooled, O0 8.6 s
+# (of which the compile 5.9 s; optimized, the pooled draws still take 17.1 s to compile). Values are a
+# deterministic function of the seed, equal on every mesh (the same per-element code runs on each shard);
+# they differ from an optimized build's in the last bits.
 _INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}}
 
 
@@ -99,7 +105,7 @@ def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation
                          replicate_indivisible: bool = False) -> Any:
   """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
   shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
-  shapes = jax.eval_shape(lambda: nn.unbox(_init_state(jax.random.PRNGKey(0), model, tx)))
+  shapes = jax.eval_shape(lambda: nn.unbox(_init_state(jax.random.PRNGKey(0), model, tx, abstract=True)))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 

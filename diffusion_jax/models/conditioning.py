@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UserError
-from diffusion_jax.models import layers
+from diffusion_jax.models import initializers, layers
 
 KINDS = ("text", "class", "none")
 
@@ -104,6 +104,6 @@ class ClassEmbedding(nn.Module):
   @nn.compact
   def __call__(self, label: jax.Array) -> jax.Array:
     layers.check_shape("label", label, (None,))
-    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+    table = self.param("embedding", initializers.normal(1.0, ("vocab", "embed")),
                        (self.num_classes + 1, self.width))
     return jnp.take(table, label, axis=0)

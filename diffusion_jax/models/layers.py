@@ -15,19 +15,22 @@ import jax.numpy as jnp
 
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import attention as attention_lib
+from diffusion_jax.models import initializers
 
 Dtype = Any
 
-_default_kernel_init = nn.initializers.lecun_normal()
+
+def _kernel_init(axes: tuple[str | None, ...], zero_init: bool = False) -> nn.initializers.Initializer:
+  """LeCun-normal kernel (or zeros, for layers that start as the identity of a residual branch)."""
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes) if zero_init else (
+      initializers.lecun_normal(axes))
 
 
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
           zero_init: bool = False, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
   """A Dense layer whose kernel [in, out] has logical axes `axes`."""
-  kernel_init = nn.initializers.zeros_init() if zero_init else _default_kernel_init
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      features, use_bias=use_bias, dtype=dtype, name=name, kernel_init=_kernel_init(axes, zero_init),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
@@ -48,7 +51,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     f = self.features
-    kernel = self.param("kernel", nn.with_logical_partitioning(_default_kernel_init, ("embed", "mlp")),
+    kernel = self.param("kernel", _kernel_init(("embed", "mlp")),
                         (x.shape[-1], 2 * f), jnp.float32).astype(self.dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
                       (2 * f,), jnp.float32).astype(self.dtype)
@@ -77,8 +80,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel_init = nn.initializers.zeros_init() if self.zero_init else _default_kernel_init
-    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+    kernel = self.param("kernel", _kernel_init((None, None, "conv_in", "conv_out"), self.zero_init),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                       (self.features,), jnp.float32)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import initializers, layers
 from diffusion_jax.text.tokenizer import padding_mask
 
 
@@ -51,10 +51,10 @@ class TextEncoder(nn.Module):
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     layers.check_shape("tokens", tokens, (None, self.max_length))
     mask = padding_mask(tokens)
-    embed = self.param("token_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("vocab", "embed")), (self.vocab_size, self.width))
-    pos = self.param("position_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(0.01), ("length", "embed")), (self.max_length, self.width))
+    embed = self.param("token_embedding", initializers.normal(0.02, ("vocab", "embed")),
+                       (self.vocab_size, self.width))
+    pos = self.param("position_embedding", initializers.normal(0.01, ("length", "embed")),
+                     (self.max_length, self.width))
     x = (jnp.take(embed, tokens, axis=0) + pos[None]).astype(self.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     for i in range(self.depth):

@@ -1,0 +1,145 @@
+"""Random parameter initializers whose draws can be pooled: one draw per group of alike arrays.
+
+Outside `pooled`, each initializer draws its array from the key Flax gives it and returns exactly what
+Flax's own initializer of the same name returns. Inside `pooled(init_fn, rng)`, the arrays of one group
+(same distribution, shape and logical axes) are drawn together as a single [n, *shape] array and handed
+out in creation order. Why: compiling the initializer is most of a train state's creation time, and
+nearly all of that compile is the random draws, each a threefry hash plus an inverse-CDF transform
+compiled once per array. A U-Net has many alike arrays (q, k, v and output projections, repeated
+ResNet blocks): configs/smoke.py's 92 random kernels fall into 24 groups.
+
+A group's draw is constrained to its members' logical axes, so every device draws only its shards
+(threefry is partitionable) and pooling does not replicate anything a pod would not hold anyway.
+
+The pool is scoped with a context variable, the way Flax scopes its logical axis rules: the initializers
+are called by Flax with (key, shape, dtype) only, so there is no argument to carry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_TRUNCATED = "truncated_normal"  # in [-2, 2] standard deviations, as Flax's variance scaling draws
+_NORMAL = "normal"
+# std of a standard normal truncated to [-2, 2]: dividing by it gives the truncated draw unit variance.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+  """What arrays drawn together share: their distribution, shape and logical axes (hence sharding)."""
+
+  distribution: str
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+
+
+def _draw_unit(key: jax.Array, distribution: str, shape: tuple[int, ...]) -> jax.Array:
+  """float32 draws of unit scale: a standard normal, or one truncated to [-2, 2]."""
+  if distribution == _TRUNCATED:
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+  return jax.random.normal(key, shape, jnp.float32)
+
+
+class _Recorder:
+  """First pass (abstract): counts each group's members in creation order."""
+
+  def __init__(self):
+    self.counts: dict[_Group, int] = {}
+
+  def take(self, group: _Group) -> jax.Array:
+    self.counts[group] = self.counts.get(group, 0) + 1
+    return jnp.zeros(group.shape, jnp.float32)
+
+
+class _Dispenser:
+  """Second pass: hands out the rows of each group's single draw, in the order the first pass saw."""
+
+  def __init__(self, draws: dict[_Group, jax.Array]):
+    self.draws = draws
+    self.taken = dict.fromkeys(draws, 0)
+
+  def take(self, group: _Group) -> jax.Array:
+    draw, index = self.draws.get(group), self.taken.get(group, 0)
+    if draw is None or index >= draw.shape[0]:
+      raise RuntimeError(f"pooled initialization: the second pass created an array the first did not "
+                         f"count ({group}); the initializer function must be deterministic")
+    self.taken[group] = index + 1
+    return draw[index]
+
+
+_POOL: contextvars.ContextVar[_Recorder | _Dispenser | None] = contextvars.ContextVar("pool", default=None)
+
+
+@contextlib.contextmanager
+def _using(pool: _Recorder | _Dispenser) -> Iterator[None]:
+  token = _POOL.set(pool)
+  try:
+    yield
+  finally:
+    _POOL.reset(token)
+
+
+def pooled(init_fn: Callable[[jax.Array], Any], rng: jax.Array) -> Any:
+  """init_fn(rng) with the draws of this module's initializers pooled per group.
+
+  init_fn must create the same arrays in the same order every call (a Flax `model.init` does). Group i,
+  numbered by first appearance, draws from fold_in(rng, i), so the values are a function of rng alone,
+  whatever the mesh; they are not the values an unpooled init_fn(rng) gives.
+  """
+  recorder = _Recorder()
+  with _using(recorder):
+    jax.eval_shape(init_fn, rng)
+  draws = {}
+  for i, (group, count) in enumerate(recorder.counts.items()):
+    draw = _draw_unit(jax.random.fold_in(rng, i), group.distribution, (count, *group.shape))
+    draws[group] = nn.with_logical_constraint(draw, (None, *group.axes))
+  dispenser = _Dispenser(draws)
+  with _using(dispenser):
+    out = init_fn(rng)
+  if dispenser.taken != recorder.counts:
+    raise RuntimeError("pooled initialization: the second pass created fewer arrays than the first; "
+                       "the initializer function must be deterministic")
+  return out
+
+
+def _fan_in(shape: tuple[int, ...]) -> int:
+  """Inputs per output unit of a kernel [..., in, out] (a conv kernel's receptive field times in)."""
+  return math.prod(shape[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _RandomInit:
+  """A Flax initializer (key, shape, dtype) → array: a unit draw times `stddev(shape)`."""
+
+  distribution: str
+  stddev: Callable[[tuple[int, ...]], float]
+  axes: tuple[str | None, ...]
+
+  def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    shape = tuple(shape)
+    pool = _POOL.get()
+    if pool is None:
+      unit = _draw_unit(key, self.distribution, shape)
+    else:
+      unit = pool.take(_Group(self.distribution, shape, self.axes))
+    return (unit * self.stddev(shape)).astype(dtype)
+
+
+def lecun_normal(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """Flax's `lecun_normal()` (truncated normal, variance 1 / fan_in) on a kernel with logical `axes`."""
+  stddev = lambda shape: math.sqrt(1.0 / _fan_in(shape)) / _TRUNCATED_STD
+  return nn.with_logical_partitioning(_RandomInit(_TRUNCATED, stddev, tuple(axes)), axes)
+
+
+def normal(stddev: float, axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """Flax's `normal(stddev)` on an array with logical `axes` (embedding tables)."""
+  return nn.with_logical_partitioning(_RandomInit(_NORMAL, lambda shape: stddev, tuple(axes)), axes)

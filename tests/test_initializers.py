@@ -1,0 +1,97 @@
+"""Pooled random initialization: Flax's distributions, one threefry draw per group of alike arrays."""
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models import initializers, layers
+
+# std of a standard normal truncated to [-2, 2] (a closed form: 1 - 2·2·φ(2) / (2Φ(2) - 1)).
+_TRUNCATED_STD = 0.87962566103423978
+
+
+class _Net(nn.Module):
+  """Two pairs of equal kernels (one pair per group), a lone conv, a zero-initialized conv, a table."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = layers.dense(256, ("embed", "mlp"), name="a")(x) + layers.dense(256, ("embed", "mlp"), name="b")(x)
+    h = layers.dense(128, ("mlp", "embed"), name="c")(h) + layers.dense(128, ("mlp", "embed"), name="d")(h)
+    img = h.reshape(h.shape[0], 8, 16, 1)
+    img = layers.conv(64, name="conv")(img) + layers.conv(64, zero_init=True, name="zero")(img)
+    table = self.param("table", initializers.normal(0.02, ("vocab", "embed")), (512, 128))
+    return img.sum() + table.sum()
+
+
+def _pooled_params(seed: int):
+  model = _Net()
+  init = lambda r: nn.unbox(model.init(r, jnp.zeros((2, 256)))["params"])
+  return jax.jit(lambda r: initializers.pooled(init, r))(jax.random.PRNGKey(seed))
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (3, 3, 16, 64)])
+def test_outside_a_pool_the_initializers_are_flaxs_own(shape):
+  key = jax.random.PRNGKey(3)
+  ours = nn.unbox(initializers.lecun_normal((None,) * len(shape))(key, shape))
+  # Flax rounds its standard deviation to float32 twice (sqrt, then / 0.8796...), we once: last-bit differences.
+  np.testing.assert_allclose(ours, nn.initializers.lecun_normal()(key, shape), rtol=1e-6)
+  np.testing.assert_array_equal(nn.unbox(initializers.normal(0.02, (None, None))(key, shape[-2:])),
+                                nn.initializers.normal(0.02)(key, shape[-2:]))
+
+
+def test_pooled_arrays_follow_their_distributions():
+  params = _pooled_params(0)
+  for name, fan_in in [("a", 256), ("b", 256), ("c", 256), ("d", 256), ("conv", 9)]:
+    kernel = np.asarray(params[name]["kernel"])
+    stddev = np.sqrt(1.0 / fan_in)  # lecun_normal: variance 1 / fan_in
+    # Sample std of n draws: relative standard error ~ 1 / sqrt(2n) (<= 0.6% here); 5% is > 8 errors.
+    assert abs(kernel.std() / stddev - 1) < 0.05, (name, kernel.std(), stddev)
+    assert abs(kernel.mean()) < 0.05 * stddev
+    # Truncated at two standard deviations of the untruncated normal.
+    assert np.abs(kernel).max() <= 2 * stddev / _TRUNCATED_STD * (1 + 1e-6)
+    np.testing.assert_array_equal(params[name]["bias"], 0.0)
+  assert abs(np.asarray(params["table"]).std() / 0.02 - 1) < 0.05
+  assert np.abs(np.asarray(params["table"])).max() > 3 * 0.02  # untruncated: 65,536 normal draws reach 3σ
+  np.testing.assert_array_equal(params["zero"]["kernel"], 0.0)
+
+
+def test_pooled_arrays_are_independent_and_a_function_of_the_seed():
+  params, again, other = _pooled_params(0), _pooled_params(0), _pooled_params(1)
+  jax.tree.map(np.testing.assert_array_equal, params, again)
+  a, b = np.ravel(params["a"]["kernel"]), np.ravel(params["b"]["kernel"])  # rows of one group's draw
+  c = np.ravel(params["c"]["kernel"])  # same shape (256 x 128 vs 128 x 256 flattened), another group
+  for x, y in [(a, b), (a[:c.size], c), (a, np.ravel(other["a"]["kernel"]))]:
+    assert abs(np.corrcoef(x, y)[0, 1]) < 0.02  # independent: |r| ~ 1 / sqrt(32768) = 0.0055
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _count_primitive(sub, name)
+  return count
+
+
+def test_one_threefry_draw_per_group():
+  model = _Net()
+  init = lambda r: model.init(r, jnp.zeros((2, 256)))["params"]
+  key = jax.random.PRNGKey(0)
+  # Groups: (a, b), (c, d), conv, table. The unpooled init draws once per random array: 6.
+  pooled = jax.make_jaxpr(lambda r: initializers.pooled(init, r))(key).jaxpr
+  assert _count_primitive(pooled, "random_bits") == 4
+
+
+def test_an_init_function_that_changes_between_passes_is_an_error():
+  calls = []
+
+  def init(rng):
+    calls.append(1)
+    shapes = [(4, 4)] * len(calls)  # the second pass creates one array more than the first counted
+    return [nn.unbox(initializers.lecun_normal((None, None))(rng, s)) for s in shapes]
+
+  with pytest.raises(RuntimeError, match="deterministic"):
+    initializers.pooled(init, jax.random.PRNGKey(0))
