@@ -36,6 +36,7 @@ def sharded_report(data_dir):
 TOL = 1e-5
 
 
+@pytest.mark.slow  # The fixture trains on six meshes in an 8-device process (minutes).
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 4, 2)"])
 def test_sharded_training_matches_one_device(sharded_report, shape):
   assert sharded_report["num_devices"] == 8
