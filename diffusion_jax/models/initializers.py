@@ -1,7 +1,7 @@
 """Random parameter initializers whose draws can be pooled: one draw per group of alike arrays.
 
-Outside `pooled`, each initializer draws its array from the key Flax gives it and returns exactly what
-Flax's own initializer of the same name returns. Inside `pooled(init_fn, rng)`, the arrays of one group
+Outside `pooled`, each initializer draws its array from the key Flax gives it, as Flax's own initializer
+of the same name does (the same values, to float32 rounding of the standard deviation). Inside `pooled(init_fn, rng)`, the arrays of one group
 (same distribution, shape and logical axes) are drawn together as a single [n, *shape] array and handed
 out in creation order. Why: compiling the initializer is most of a train state's creation time, and
 nearly all of that compile is the random draws, each a threefry hash plus an inverse-CDF transform
