@@ -10,9 +10,12 @@ Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
   context: images/s, ratio_vs_peer (ours / peer), compile s, both U-Nets' parameter counts and forward
   FLOPs (lowered programs' totals, and their convolution and matmul FLOPs, which must agree: same
   architecture), whole-step GFLOP, achieved GFLOP/s and its fraction of a matmul peak measured in this
-  run in the compute dtype, compiled peak memory.
+  run in the compute dtype, compiled peak memory. The peer is compiled as diffusers compiles it (plain
+  jax.jit); where our programs get XLA options (diffusion_jax/compiler.py: on a CPU), the peer compiled
+  with the same options is timed in the same blocks as well: ratio_vs_peer_our_options.
 - sampler: our scan sampler (generation.make_sample_fn, DDIM, guidance 7.5) vs the fori_loop of
-  FlaxStableDiffusionPipeline._generate, 4 prompts: s/call, s/image, compile s, ratio_vs_peer.
+  FlaxStableDiffusionPipeline._generate, 4 prompts: s/call, s/image, compile s, ratio_vs_peer (and
+  ratio_vs_peer_our_options, as for train).
 - startup: creating our sharded train state, compiling our step, and both again in a fresh process
   with JAX's persistent compilation cache cold and then warm.
 - memory: our step's compiled peak memory (arguments + outputs + temporaries − donated aliases) and
@@ -52,7 +55,7 @@ from absl import app, flags
 from benchmarks import peer as peer_lib
 from benchmarks import presets
 from benchmarks import profile as profile_lib
-from diffusion_jax import build, generation, train_state
+from diffusion_jax import build, compiler, generation, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.config import COMPUTE_DTYPES
 from diffusion_jax.models.diffusion_model import DiffusionModel
@@ -243,13 +246,16 @@ class Bench:
       self._peer_params = peer_lib.init_peer_params(self.peer_unet(), seed=0)
     return jax.tree.map(jnp.copy, self._peer_params)
 
-  def peer_train_step(self) -> "CompiledStep":
+  def peer_train_step(self, our_compiler_options: bool = False) -> "CompiledStep":
     """diffusers' train_text_to_image_flax.py step on random latents and context, compiled (once per
-    preset); info: compile_s, step_gflop, peak_mib."""
-    if "peer" in self._steps:
-      return self._steps["peer"]
+    preset) as diffusers compiles it, or with the XLA options our programs get (`compiler.options()`);
+    info: compile_s, step_gflop, peak_mib."""
+    key = "peer_our_options" if our_compiler_options else "peer"
+    if key in self._steps:
+      return self._steps[key]
     p = self.preset
-    _log(f"[{p.name}] train: compiling the peer")
+    options = compiler.options() if our_compiler_options else {}
+    _log(f"[{p.name}] train: compiling the peer" + (f" with {options}" if options else ""))
     init, step = peer_lib.make_peer_train_step(self.peer_unet())
     holder = {"state": init(self.peer_params())}
     rng = np.random.default_rng(1)
@@ -259,16 +265,16 @@ class Bench:
                                                         np.float32)),
              "rng": jax.random.PRNGKey(2)}
     start = time.perf_counter()
-    compiled = step.lower(holder["state"], batch).compile()
+    compiled = step.lower(holder["state"], batch).compile(compiler_options=options or None)
     compile_s = time.perf_counter() - start
 
     def run_once():
       holder["state"], loss = compiled(holder["state"], batch)
       return loss
 
-    self._steps["peer"] = CompiledStep(compiled, run_once, lambda: holder["state"], {
+    self._steps[key] = CompiledStep(compiled, run_once, lambda: holder["state"], {
         "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9, "peak_mib": _peak_mib(compiled)})
-    return self._steps["peer"]
+    return self._steps[key]
 
   def peer_forward(self, params, x_nchw, t, context):
     return self.peer_unet().apply({"params": params}, x_nchw, t, context).sample
@@ -321,12 +327,16 @@ def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: b
     peer = bench.peer_train_step()
     out.update({f"peer_{k}": v for k, v in peer.info.items()})
     runners["peer"] = peer.run_once
+    if compiler.options():  # The peer once more, compiled as ours is: how much of the ratio is the options.
+      same = bench.peer_train_step(our_compiler_options=True)
+      out.update({f"peer_our_options_{k}": v for k, v in same.info.items()})
+      runners["peer_our_options"] = same.run_once
   for run_once in runners.values():  # Warm-up: first calls allocate.
     jax.block_until_ready(run_once())
   _log(f"[{p.name}] train: timing {blocks} blocks of {steps} steps per side")
   seconds = interleaved_seconds(runners, blocks, steps)
   bench.trained_params = ours.state().params  # The sampler suite reuses them (saves an init compile).
-  for side, prefix in (("ours", ""), ("peer", "peer_")):
+  for side, prefix in (("ours", ""), ("peer", "peer_"), ("peer_our_options", "peer_our_options_")):
     if side not in seconds:
       continue
     out[f"{prefix}step_s_per_block"] = seconds[side]
@@ -337,6 +347,8 @@ def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: b
     out[f"{prefix}fraction_of_matmul_peak"] = achieved / peak
   if with_peer:
     out["ratio_vs_peer"] = out["images_per_s"] / out["peer_images_per_s"]
+  if "peer_our_options_images_per_s" in out:
+    out["ratio_vs_peer_our_options"] = out["images_per_s"] / out["peer_our_options_images_per_s"]
   return out
 
 
@@ -387,21 +399,27 @@ def bench_sampler(bench: Bench, num_steps: int, blocks: int, with_peer: bool) ->
     cond = jnp.asarray(key.standard_normal(shape, np.float32))
     uncond = jnp.asarray(key.standard_normal(shape, np.float32))
     scale = jnp.float32(GUIDANCE_SCALE)
+    lowered = peer_fn.lower(peer_params, scheduler_state, cond, uncond, scale, rng)
     start = time.perf_counter()
-    peer = peer_fn.lower(peer_params, scheduler_state, cond, uncond, scale, rng).compile()
+    peer = lowered.compile()
     out["peer_compile_s"] = time.perf_counter() - start
     runners["peer"] = lambda: peer(peer_params, scheduler_state, cond, uncond, scale, rng)
+    if compiler.options():  # The peer compiled as ours is, as in the train suite.
+      peer_same = lowered.compile(compiler_options=compiler.options())
+      runners["peer_our_options"] = lambda: peer_same(peer_params, scheduler_state, cond, uncond, scale, rng)
   for run_once in runners.values():
     jax.block_until_ready(run_once())
   _log(f"[{p.name}] sampler: timing {blocks} calls per side")
   seconds = interleaved_seconds(runners, blocks, 1)
-  for side, prefix in (("ours", ""), ("peer", "peer_")):
+  for side, prefix in (("ours", ""), ("peer", "peer_"), ("peer_our_options", "peer_our_options_")):
     if side in seconds:
       out[f"{prefix}s_per_call_per_block"] = seconds[side]
       out[f"{prefix}s_per_call"] = statistics.median(seconds[side])
       out[f"{prefix}s_per_image"] = out[f"{prefix}s_per_call"] / n
   if with_peer:
     out["ratio_vs_peer"] = out["peer_s_per_call"] / out["s_per_call"]
+  if "peer_our_options_s_per_call" in out:
+    out["ratio_vs_peer_our_options"] = out["peer_our_options_s_per_call"] / out["s_per_call"]
   return out
 
 
@@ -622,6 +640,8 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     if train:
       row("train", "images/s", train.get("images_per_s"), train.get("peer_images_per_s"),
           train.get("ratio_vs_peer"))
+      row("train", "images/s, peer with our XLA options", train.get("images_per_s"),
+          train.get("peer_our_options_images_per_s"), train.get("ratio_vs_peer_our_options"))
       row("train", "compile s", train.get("compile_s"), train.get("peer_compile_s"))
       row("train", "create_state s", train.get("create_state_s"))
       row("train", "U-Net params", train.get("unet_params"), train.get("peer_unet_params"),
@@ -639,6 +659,8 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     if sampler and "s_per_call" in sampler:
       row("sampler", f"s/call ({sampler['num_steps']} steps)", sampler.get("s_per_call"),
           sampler.get("peer_s_per_call"), sampler.get("ratio_vs_peer"))
+      row("sampler", "s/call, peer with our XLA options", sampler.get("s_per_call"),
+          sampler.get("peer_our_options_s_per_call"), sampler.get("ratio_vs_peer_our_options"))
       row("sampler", "s/image", sampler.get("s_per_image"), sampler.get("peer_s_per_image"))
       row("sampler", "compile s", sampler.get("compile_s"), sampler.get("peer_compile_s"))
     startup = entry.get("startup")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import compiler
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion.schedules import NoiseSchedule
 from diffusion_jax.errors import UserError
@@ -59,7 +60,7 @@ def make_sample(model: DiffusionModel, schedule: NoiseSchedule, options: sampler
 def make_sample_fn(model: DiffusionModel, schedule: NoiseSchedule, options: samplers.SamplerOptions,
                    autoencoder):
   """`make_sample` jitted: compiles once per N (the scales are data, so a sweep does not recompile)."""
-  return jax.jit(make_sample(model, schedule, options, autoencoder))
+  return compiler.jit(make_sample(model, schedule, options, autoencoder))
 
 
 def generate(sample_fn, params: Any, conditioning, requests: Sequence[Any],

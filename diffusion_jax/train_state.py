@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax import compiler
 from diffusion_jax.models import initializers
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
@@ -96,9 +97,10 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   """Initializes every leaf directly on its shards; returns (state, its shardings)."""
   shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
   init = jax.jit(lambda r: nn.unbox(_init_state(r, model, tx)), out_shardings=shardings)
-  options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  options = {**compiler.options(platform), **_INIT_COMPILER_OPTIONS.get(platform, {})}
   with mesh_lib.activate(mesh, rules):
-    return init.lower(rng).compile(compiler_options=options)(rng), shardings
+    return init.lower(rng).compile(compiler_options=options or None)(rng), shardings
 
 
 def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import train_state
+from diffusion_jax import compiler, train_state
 from diffusion_jax.diffusion import losses, schedules
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import conditioning as conditioning_lib
@@ -117,7 +117,7 @@ def make_train_step(run, state_shardings: Any):
   null_inputs = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(1))
   step = functools.partial(train_step, model=run.model, tx=run.optimizer, schedule=run.schedule,
                            config=run.config, autoencoder=run.autoencoder, null_inputs=null_inputs)
-  return jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(run.mesh)),
+  return compiler.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(run.mesh)),
                  out_shardings=(state_shardings, mesh_lib.replicated(run.mesh)), donate_argnums=0)
 
 

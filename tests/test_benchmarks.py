@@ -118,6 +118,8 @@ def test_suite_runs_end_to_end_at_tiny(end_to_end_run):
   assert train["images_per_s"] > 0 and train["peer_images_per_s"] > 0 and train["step_gflop"] > 0
   assert 0 < train["fraction_of_matmul_peak"] and written["matmul_peak_gflop_s"]["float32"] > 0
   assert sampler["s_per_image"] > 0 and sampler["peer_compile_s"] > 0
+  # On a CPU the peer is also timed compiled with our XLA options (diffusion_jax/compiler.py).
+  assert train["ratio_vs_peer_our_options"] > 0 and sampler["ratio_vs_peer_our_options"] > 0
   table = stdout.splitlines()
   assert any(line.split()[:3] == ["tiny", "train", "images/s"] for line in table), stdout
   # Both steps profiled, their traces beside results.json; a U-Net step's op time is mostly

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from diffusion_jax import compiler
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.parallel import mesh as mesh_lib
 
@@ -56,7 +57,7 @@ def make_held_out_loss(run, examples: dict[str, np.ndarray]) -> Callable[[Any], 
               "t": place(t[i:i + config.batch_size]), "noise": place(noise[i:i + config.batch_size])}
              for i in range(0, n, config.batch_size)]
 
-  @jax.jit
+  @compiler.jit
   def batch_loss(params, batch):
     inputs = dict(batch, x0=run.autoencoder.encode(params, batch["image"]))  # Latent models: the mean.
     return train_step_lib.example_losses(run.model, params, inputs, run.schedule, config).mean()

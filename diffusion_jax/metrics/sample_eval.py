@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import generation
+from diffusion_jax import compiler, generation
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.metrics import fid
 from diffusion_jax.metrics.features import FeatureNetwork
@@ -112,7 +112,7 @@ class Featurizer:
     self._batch = mesh_lib.batch_sharding(mesh)
     replicated = mesh_lib.replicated(mesh)
     self._variables = _to_global(network.variables, replicated)
-    self._apply = jax.jit(network.apply, in_shardings=(replicated, self._batch), out_shardings=replicated)
+    self._apply = compiler.jit(network.apply, in_shardings=(replicated, self._batch), out_shardings=replicated)
 
   def __call__(self, images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features, logits = [], []
@@ -193,7 +193,7 @@ class SampleEvaluator:
         features, logits = network.apply(network_variables, images)
         return images, features, logits
 
-      self._steps[guide] = jax.jit(
+      self._steps[guide] = compiler.jit(
           sample_and_featurize, out_shardings=self._replicated,
           in_shardings=(self._replicated, self._replicated, self._batch, self._batch, self._batch, self._replicated))
     return self._steps[guide]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import compiler
 from diffusion_jax.diffusion import vlb
 from diffusion_jax.errors import UserError
 from diffusion_jax.inference import LoadedModel
@@ -46,7 +47,7 @@ def nll_bits_per_dim(loaded: LoadedModel, *, split: str | None = None, num_times
   model_variance = resolve_model_variance(config, model_variance)
   keys = tuple(run.conditioning.input_keys)
 
-  @jax.jit
+  @compiler.jit
   def batch_bpd(images_uint8, inputs, rng):
     predict = lambda x_t, t: run.model.apply({"params": loaded.params}, x_t, t, inputs)
     return vlb.bits_per_dim(predict, run.autoencoder.encode(loaded.params, images_uint8), run.schedule, rng,
