@@ -11,6 +11,9 @@ from diffusion_jax.config import get_default_config
 def get_config():
   config = get_default_config()
   config.dataset.name = "digits"
+  # 1,500 images of 8×8 decoded once (0.3 MiB): reading and decoding a batch of 64 from ArrayRecord took
+  # ~33 ms of the two cores per step, on top of a 250 ms step.
+  config.dataset.cache_in_memory = True
   # 1,750 steps at learning rate 2e-3 match 2,000 at 1e-3 on every measure (1,000 samples, 25 DDIM steps;
   # 1,750 / 2,000): unguided prompt accuracy 0.947 / 0.939, guided 1.0 / 1.0, FD at guidance 1 0.50 / 0.48,
   # bits/dim 7.58 / 7.84. Shorter runs lose quality: 1,500 steps at 2e-3 gave accuracy 0.940 but FD 0.62;

@@ -1,6 +1,10 @@
+import dataclasses
+
+import pytest
 import numpy as np
 
 from diffusion_jax.data import pipeline, registry
+from diffusion_jax.errors import UserError
 from diffusion_jax.text.tokenizer import ByteTokenizer
 
 
@@ -85,3 +89,32 @@ def test_one_pass_over_a_split_covers_it_once(config):
   rows = sorted(bytes(r) for b in batches for r in b["image"].reshape(len(b["image"]), -1))
   raw = pipeline.data_source(config, "test")
   assert rows == sorted(bytes(np.asarray(raw[i]["image"]).reshape(-1)) for i in range(len(raw)))
+
+
+def test_cached_in_memory_the_stream_is_the_same_and_resumes_across_the_setting(config):
+  """Decoding once into memory changes where the work is done, not the batches: the same images, tokens
+  and labels over more than an epoch, with flips, and a state saved by one restores in the other."""
+  config.batch_size = 256  # 1500 / 256: the seventh batch crosses into the second epoch.
+  config.dataset.random_flip = True  # Exercises the flips' per-position random stream too.
+  plain = _take(_train_iterator(config), 7)
+  config.dataset.cache_in_memory = True
+  cached_it = _train_iterator(config)
+  cached = _take(cached_it, 7)
+  for x, y in zip(plain, cached):
+    for key in ("image", "tokens", "label"):
+      np.testing.assert_array_equal(x[key], y[key])
+  state, expected = cached_it.get_state(), _take(cached_it, 2)
+  config.dataset.cache_in_memory = False
+  resumed = _train_iterator(config)
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, 2)):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_cached_in_memory_bad_images_are_reported_at_start(config, monkeypatch):
+  config.dataset.cache_in_memory = True
+  other_shape = dataclasses.replace(registry.get("digits"), image_shape=(9, 9, 1))
+  monkeypatch.setattr(pipeline.registry, "from_config", lambda config: other_shape)
+  with pytest.raises(UserError, match=r"image of shape \(8, 8, 1\)"):
+    pipeline.make_dataset(config, "train", shuffle=True, repeat=True, process_index=0, process_count=1)
