@@ -12,10 +12,13 @@ elementwise and reduce fusions alone to 332 ms; its dots were neutral. Accelerat
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
+from absl import logging
 import jax
+import jax.numpy as jnp
 
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # No library fusions: XLA emits every op.
 
@@ -23,9 +26,22 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # No library fusion
 def options(platform: str | None = None) -> dict[str, Any]:
   """The compiler options of programs on `platform` (default: JAX's default backend)."""
   platform = platform or jax.default_backend()
-  if platform == "cpu" and os.environ.get("DIFFUSION_JAX_XLA_CPU_YNN") != "1":
+  if platform == "cpu" and os.environ.get("DIFFUSION_JAX_XLA_CPU_YNN") != "1" and _cpu_options_accepted():
     return dict(_CPU_OPTIONS)
   return {}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  """Whether this jaxlib knows the options (an experimental flag may be renamed or dropped): checked once
+  per process on a one-op program, so that a newer jaxlib compiles with its defaults instead of failing."""
+  try:
+    jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(compiler_options=_CPU_OPTIONS)
+  except Exception as exc:  # pylint: disable=broad-except  (jaxlib raises its own XlaRuntimeError types)
+    logging.warning("XLA:CPU options %s not accepted by this jaxlib (%s); compiling with its defaults.",
+                    _CPU_OPTIONS, str(exc).splitlines()[0])
+    return False
+  return True
 
 
 def jit(fun: Callable, **kwargs) -> Any:

@@ -52,3 +52,14 @@ def test_options_change_no_result_beyond_rounding(monkeypatch):
 def test_accelerators_get_no_options():
   assert compiler.options("gpu") == {} and compiler.options("tpu") == {}
   assert compiler.options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def test_a_jaxlib_without_the_options_compiles_with_its_defaults(monkeypatch):
+  monkeypatch.setattr(compiler, "_CPU_OPTIONS", {"xla_cpu_no_such_option_in_any_jaxlib": ""})
+  compiler._cpu_options_accepted.cache_clear()
+  try:
+    assert compiler.options("cpu") == {}
+    grad_fn, params = _loss_and_grad()
+    compiler.jit(grad_fn)(params)  # Compiles and runs.
+  finally:
+    compiler._cpu_options_accepted.cache_clear()
