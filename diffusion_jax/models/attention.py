@@ -75,11 +75,17 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -
   """Attention as two einsums and a float32 softmax, the numerics of jax.nn.dot_product_attention's
   `xla` path. Written out because that path vmaps over query groups, after which XLA:CPU transposed
   the [B, H, T, S] probabilities in the forward and backward passes (about 7% of the traced small-preset step)."""
-  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  # Heads moved next to the batch by explicit transposes of q, k, v ([B, T, H, D] → [B, H, T, D]), so that
+  # both dots are plain batched matmuls over [B, H]. Left to the einsums, XLA:CPU picked layouts that
+  # copied the [B, H, T, S] logits and probabilities in the forward and backward passes: 8.8 against
+  # 13.3 ms for the forward and backward of the small preset's 256-token self-attention (B 16, H 1, D 32).
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bhtd,bhsd->bhts", heads_first(q), heads_first(k),
+                      preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhts,bshd->bthd", probs, v)
+  return heads_first(jnp.einsum("bhts,bhsd->bhtd", probs, heads_first(v)))
 
 
 def _pad_to_block(x: jax.Array, axis: int) -> jax.Array:
