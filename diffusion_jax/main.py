@@ -1,5 +1,11 @@
 """Train: python -m diffusion_jax.main --config=configs/digits.py --workdir=runs/digits [--config.key=value]."""
 
+from diffusion_jax import host_memory
+
+if __name__ == "__main__":
+  host_memory.use_huge_pages()  # Re-executes this command with huge pages for XLA's buffers, before JAX loads.
+
+# pylint: disable=wrong-import-position  (the imports below load JAX)
 from absl import flags
 from ml_collections import config_flags
 

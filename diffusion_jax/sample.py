@@ -8,6 +8,12 @@ python -m diffusion_jax.sample --workdir=runs/digits_uncond --num_per_prompt=64
 
 from __future__ import annotations
 
+from diffusion_jax import host_memory
+
+if __name__ == "__main__":
+  host_memory.use_huge_pages()  # Re-executes this command with huge pages for XLA's buffers, before JAX loads.
+
+# pylint: disable=wrong-import-position  (the imports below load JAX)
 import math
 import os
 

@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The digits feature network and reference statistics: trained / computed once per machine for the tests,
 # never in the user's ~/.cache.
 os.environ.setdefault("DIFFUSION_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_tests_cache"))
+# XLA:CPU's buffers on transparent huge pages (diffusion_jax/host_memory.py) in the pytest-xdist workers
+# and the commands the tests start, which inherit this environment: a process cannot set it for itself.
+from diffusion_jax import host_memory  # pylint: disable=g-import-not-at-top
+if host_memory.wanted(os.environ):
+  os.environ.update(host_memory.with_huge_pages(os.environ))
 
 from configs import smoke
 from diffusion_jax.config import get_default_config
