@@ -483,7 +483,8 @@ def test_a_learned_sigma_model_trains(config, monkeypatch):
   first = next(pipeline.iterate_split(config, run.dataset.eval_split, tokenizer=run.conditioning.tokenizer))
   monkeypatch.setattr(pipeline, "iterate_split", lambda *args, **kwargs: iter([first]))
   loaded = inference.LoadedModel(run, state.params, 3)
-  nll = {v: sample_quality.nll_bits_per_dim(loaded, num_timesteps=4, model_variance=v)["nll_bits_per_dim"]
+  nll = {v: sample_quality.nll_bits_per_dim(loaded, num_timesteps=4, model_variance=v,
+                                            batch_size=len(first["image"]))["nll_bits_per_dim"]
          for v in ("auto", "learned", "fixed_large")}
   predict = lambda x_t, t: run.model.apply({"params": state.params}, x_t, t, {"tokens": jnp.asarray(first["tokens"])})
   direct = vlb.bits_per_dim(predict, run.autoencoder.encode(state.params, jnp.asarray(first["image"])), run.schedule,
@@ -492,6 +493,18 @@ def test_a_learned_sigma_model_trains(config, monkeypatch):
   print("NLL bits/dim after 3 steps:", nll)
   assert nll["auto"] == nll["learned"] != nll["fixed_large"]
   np.testing.assert_allclose(nll["learned"], float(direct.mean()), rtol=1e-5)
+
+  # A batch short of batch_size is padded by repeating its last example; the padding's values are dropped.
+  n, pad = len(first["image"]), 3
+  padded = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in first.items()}
+  got = sample_quality.nll_bits_per_dim(loaded, num_timesteps=4, model_variance="learned", batch_size=n + pad)
+  predict = lambda x_t, t: run.model.apply({"params": state.params}, x_t, t, {"tokens": jnp.asarray(padded["tokens"])})
+  direct = vlb.bits_per_dim(predict, run.autoencoder.encode(state.params, jnp.asarray(padded["image"])), run.schedule,
+                            jax.random.fold_in(jax.random.PRNGKey(0), 0), prediction_type="eps",
+                            model_variance="learned", num_timesteps=4)
+  assert got["nll_num_images"] == n
+  np.testing.assert_allclose(got["nll_bits_per_dim"], float(direct[:n].mean()), rtol=1e-5)
+  assert abs(float(direct[n:].mean()) - float(direct[:n].mean())) > 1e-4  # The padding would have shifted it.
 
 
 def test_nll_variance_resolution():

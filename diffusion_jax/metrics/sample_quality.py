@@ -31,13 +31,17 @@ def resolve_model_variance(config, model_variance: str = "auto") -> str:
 
 
 def nll_bits_per_dim(loaded: LoadedModel, *, split: str | None = None, num_timesteps: int | None = 100,
-                     model_variance: str = "auto", seed: int = 0) -> dict[str, float]:
+                     model_variance: str = "auto", seed: int = 0, batch_size: int | None = None) -> dict[str, float]:
   """Negative log-likelihood bound (DDPM's L_vlb) in bits/dim over `split` (default: the dataset's eval
   split), conditioned on each example's caption or label for conditional models.
 
   num_timesteps=None sums all T terms (exact in t, T network calls per image); K < T gives an unbiased
-  estimate from K random timesteps per batch. model_variance: see `resolve_model_variance` (a learned-Σ
+  estimate from K random timesteps per example. model_variance: see `resolve_model_variance` (a learned-Σ
   run uses its own variance by default). Returns {'nll_bits_per_dim', 'nll_num_images'}.
+
+  The split is read in batches of `batch_size` (default: config.batch_size; batch i draws its
+  timesteps and noise from fold_in(PRNGKey(seed), i)); the last batch is padded to the same size by
+  repeating its last example (the padding's values are dropped), so the bound compiles once.
   """
   from diffusion_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (grain/TFDS)
   run, config = loaded.run, loaded.config
@@ -56,9 +60,15 @@ def nll_bits_per_dim(loaded: LoadedModel, *, split: str | None = None, num_times
 
   values = []
   tokenizer = getattr(run.conditioning, "tokenizer", None)
-  for i, batch in enumerate(pipeline.iterate_split(config, split or run.dataset.eval_split, tokenizer=tokenizer)):
+  batch_size = batch_size or config.batch_size
+  reading = config.copy_and_resolve_references()
+  with reading.unlocked():
+    reading.batch_size = batch_size
+  for i, batch in enumerate(pipeline.iterate_split(reading, split or run.dataset.eval_split, tokenizer=tokenizer)):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+    rows = len(batch["image"])
+    batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - rows, axis=0)]) for k, v in batch.items()}
     inputs = {k: jnp.asarray(batch[k]) for k in keys}
-    values.append(np.asarray(batch_bpd(jnp.asarray(batch["image"]), inputs, rng)))
+    values.append(np.asarray(batch_bpd(jnp.asarray(batch["image"]), inputs, rng))[:rows])
   values = np.concatenate(values)
   return {"nll_bits_per_dim": float(values.mean()), "nll_num_images": float(len(values))}
