@@ -70,17 +70,31 @@ def generate(sample_fn, params: Any, conditioning, requests: Sequence[Any],
   requests: prompts (text models), labels (class models) or placeholders (unconditional: only their
   number counts). The unconditional branch of guidance uses `negative_prompt` (text models) or the
   null label."""
+  images = sample_fn(params, *_sample_args(conditioning, requests, guidance_scale, seed, negative_prompt))
+  if jax.process_count() > 1:  # The result may live on other hosts' devices too.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+  return np.asarray(jax.device_get(images))
+
+
+def compile_generate(sample_fn, abstract_params: Any, conditioning, requests: Sequence[Any],
+                     negative_prompt: str = "") -> None:
+  """Compiles `sample_fn` for `generate(sample_fn, params, conditioning, requests, …)` with parameters of
+  `abstract_params`' shapes and shardings, ahead of that call (which then reuses the program): for a
+  caller that has idle time now, such as training's start-up while the train step compiles."""
+  sample_fn.lower(abstract_params, *_sample_args(conditioning, requests, 1.0, 0, negative_prompt)).compile()
+
+
+def _sample_args(conditioning, requests: Sequence[Any], guidance_scale: float | Sequence[float], seed: int,
+                 negative_prompt: str) -> tuple:
+  """sample_fn's arguments after the parameters: (inputs, null inputs, scales [N], key)."""
   n = len(requests)
   scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,))
   if not np.all(np.isfinite(scales)):
     raise UserError(f"guidance_scale must be a finite number, got {sorted(set(scales.tolist()), key=str)}")
   inputs = jax.tree.map(jnp.asarray, conditioning.inputs_for(requests))
   null = jax.tree.map(jnp.asarray, conditioning.null_inputs(n, negative_prompt))
-  images = sample_fn(params, inputs, null, jnp.asarray(scales), jax.random.PRNGKey(seed))
-  if jax.process_count() > 1:  # The result may live on other hosts' devices too.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(images, tiled=True))
-  return np.asarray(jax.device_get(images))
+  return inputs, null, jnp.asarray(scales), jax.random.PRNGKey(seed)
 
 
 def parse_prompts(text: str) -> list[str]:

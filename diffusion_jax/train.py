@@ -78,6 +78,13 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                              every_steps=config.log_every_steps)
   pending_metrics: list[dict[str, jax.Array]] = []  # Since the last log line, one per step.
+  if not step_compiled.done():
+    # This thread would only wait for the train step's compilation: compile the grid sampler and the
+    # held-out loss meanwhile, on the other core, instead of at the first grid and checkpoint.
+    with mesh_lib.activate(run.mesh, run.rules):
+      generation.compile_generate(sample_fn, abstract.ema_params, run.conditioning, requests,
+                                  config.sampling.negative_prompt)
+      eval_loss.compile(abstract.ema_params)
   step_compiled.result()  # Raises what the compilation raised.
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
   stop = False

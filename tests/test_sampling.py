@@ -74,3 +74,29 @@ def test_bad_sampler_settings_are_clear_errors(setup):
     generation.make_sample_fn(None, schedule, samplers.SamplerOptions(sampler="euler"), None)
   with pytest.raises(UserError, match=r"steps=500 must be in \[1, 100\]"):
     generation.make_sample_fn(None, schedule, samplers.SamplerOptions(num_steps=500), None)
+
+
+def test_compile_generate_compiles_the_program_that_generate_then_reuses(model_and_params):  # pylint: disable=redefined-outer-name
+  """Training compiles its grid sampler ahead (while the train step compiles): the later call must not compile."""
+  model, tok, variables = model_and_params
+  params = _randomize(nn.unbox(variables["params"]))
+  schedule = schedules.make_schedule("cosine", tiny_config().diffusion.num_timesteps)
+  fn = generation.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=3), PixelSpace())
+  conditioning, requests = TextConditioning(tok), ["3", "the number four", ""]
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":  # Also a persistent-cache hit.
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    generation.compile_generate(fn, abstract, conditioning, requests, negative_prompt="blurry")
+    ahead = len(compiles)
+    images = generation.generate(fn, params, conditioning, requests, 3.0, seed=0, negative_prompt="blurry")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert ahead >= 1 and len(compiles) == ahead
+  assert images.shape == (3, 8, 8, 1)

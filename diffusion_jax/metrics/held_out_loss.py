@@ -8,7 +8,7 @@ are kept (never dropped to the null condition).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,7 +39,22 @@ def load_examples(run, num_examples: int, split: str | None = None) -> dict[str,
   return {k: v[:n] for k, v in examples.items()}
 
 
-def make_held_out_loss(run, examples: dict[str, np.ndarray]) -> Callable[[Any], float]:
+class HeldOutLoss:
+  """params → mean weighted loss over fixed examples (see `make_held_out_loss`)."""
+
+  def __init__(self, batch_loss, batches: list[dict[str, Any]]):
+    self._batch_loss, self._batches = batch_loss, batches
+
+  def __call__(self, params: Any) -> float:
+    return float(np.mean([jax.device_get(self._batch_loss(params, b)) for b in self._batches]))
+
+  def compile(self, abstract_params: Any) -> None:
+    """Compiles the loss for parameters of these shapes and shardings ahead of the first call (every batch
+    has the same shape), for a caller that has idle time now."""
+    self._batch_loss.lower(abstract_params, self._batches[0]).compile()
+
+
+def make_held_out_loss(run, examples: dict[str, np.ndarray]) -> HeldOutLoss:
   """params → mean weighted loss over `examples`, in batches of config.batch_size.
 
   Every process must hold the same `examples`; each batch is laid out over (data, fsdp).
@@ -62,4 +77,4 @@ def make_held_out_loss(run, examples: dict[str, np.ndarray]) -> Callable[[Any], 
     inputs = dict(batch, x0=run.autoencoder.encode(params, batch["image"]))  # Latent models: the mean.
     return train_step_lib.example_losses(run.model, params, inputs, run.schedule, config).mean()
 
-  return lambda params: float(np.mean([jax.device_get(batch_loss(params, b)) for b in batches]))
+  return HeldOutLoss(batch_loss, batches)
