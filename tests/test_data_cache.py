@@ -107,3 +107,22 @@ def test_checked_source_passes_index_errors_through(config):
   source = pipeline.data_source(config, "test")
   with pytest.raises(IndexError):
     source[len(source)]
+  with pytest.raises(IndexError):
+    source.__getitems__([0, len(source)])
+
+
+def test_checked_source_reads_a_batch_as_record_by_record(config):
+  """One batched read (decode_in_memory's) returns what reading the records one by one does."""
+  source = pipeline.data_source(config, "test")
+  _assert_same_records(source.__getitems__(range(len(source))), _records(config, "test"))
+
+
+def test_corrupt_record_in_a_batched_read_is_a_user_error(config):
+  """Damage found by the in-memory decode's batched read is the same one-line error naming the fix."""
+  source = pipeline.data_source(config, "train")  # Checks the dataset; reads nothing yet.
+  _corrupt_train_shard(config)
+  with pytest.raises(UserError) as exc:
+    source.__getitems__(range(len(source)))
+  message = str(exc.value)
+  assert message.startswith("cannot read records 0…1499 of digits/train in " + _dataset_dir(config))
+  assert "Corrupted Riegeli/records file" in message and "rerun to rebuild it" in message and "\n" not in message

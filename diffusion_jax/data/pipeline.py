@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 from absl import logging
 from array_record.python import array_record_module
@@ -104,8 +104,25 @@ class CheckedSource:
     except UserError:
       raise
     except Exception as exc:  # pylint: disable=broad-except  # Any other failure is a damaged file.
-      raise UserError(f"cannot read record {index} of {self._what} in {self._path} ({_first_line(exc)}): "
-                      f"the TFDS cache is damaged; {self._fix}") from exc
+      raise self._damaged(f"record {index}", exc) from exc
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+    """The records at `indices`, read in one call. Reading them one by one while another thread traces
+    or compiles costs a GIL hand-over per record: the 1,500 digits took 8.5 s that way at start-up, one
+    call takes ~0.1 s."""
+    bad = [i for i in indices if not 0 <= i < len(self._source)]
+    if bad:
+      raise IndexError(f"record {bad[0]} of {self._what} is out of range [0, {len(self._source)})")
+    try:
+      return list(self._source.__getitems__(list(indices)))
+    except UserError:
+      raise
+    except Exception as exc:  # pylint: disable=broad-except  # Any other failure is a damaged file.
+      raise self._damaged(f"records {indices[0]}…{indices[-1]}", exc) from exc
+
+  def _damaged(self, which: str, exc: Exception) -> UserError:
+    return UserError(f"cannot read {which} of {self._what} in {self._path} ({_first_line(exc)}): "
+                     f"the TFDS cache is damaged; {self._fix}")
 
   def __repr__(self) -> str:
     return f"CheckedSource({self._what} in {self._path})"
@@ -262,7 +279,7 @@ def decode_in_memory(source: CheckedSource, fields: ExampleFields) -> list[dict[
   """Every record of `source` read and mapped by `fields`, in record order: a source for grain that
   yields what `MapDataset.source(source).map(fields)` does (the shuffle depends only on the length)."""
   start = time.perf_counter()
-  examples = [fields.map(source[i]) for i in range(len(source))]
+  examples = [fields.map(example) for example in source.__getitems__(range(len(source)))]
   size = sum(v.nbytes for v in examples[0].values()) * len(examples) if examples else 0
   logging.info("Decoded %d examples of %r into memory (%.1f MiB) in %.1f s.", len(examples), source,
                size / 2**20, time.perf_counter() - start)
