@@ -31,6 +31,8 @@ if __name__ == "__main__":
   host_memory.use_huge_pages()  # Re-executes this command with huge pages for XLA's buffers, before JAX loads.
 
 # pylint: disable=wrong-import-position  (the imports below load JAX)
+import concurrent.futures
+import importlib
 import json
 import math
 
@@ -43,7 +45,6 @@ from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import UserError
 from diffusion_jax.metrics import features as features_lib
 from diffusion_jax.metrics import sample_eval, sample_quality, sweep_plot
-from diffusion_jax.metrics import writers as metric_writers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or exported directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
@@ -159,7 +160,8 @@ class Job:
                                # Recorded resolved ('auto' → the run's own), and refused before any work.
                                nll_variance=sample_quality.resolve_model_variance(config, _NLL_VARIANCE.value))
     self.network_name = network
-    self.evaluator = None  # Built at the first checkpoint that needs it (loads weights, reference statistics).
+    # Built at the first checkpoint (loads weights, reference statistics, the eval split), with their programs.
+    self.evaluator = self.nll_bound = None
 
   def record_path(self, step: int) -> paths.epath.Path:
     return run_files.metrics_path(self.workdir, _OUT.value, step)
@@ -196,17 +198,39 @@ class Job:
                       f"to it, --overwrite to replace it, or --out=PATH to write elsewhere")
     return old
 
+  def _prepare(self) -> list[concurrent.futures.Future]:
+    """Builds the evaluator and the NLL bound, and starts compiling their programs on two other threads
+    (futures returned): each compile keeps one core busy, and they took 8 + 17 + 14 s one after another
+    at digits, with the other core idle."""
+    # Parameters as load_params returns them: on the host (the evaluator replicates them on the mesh).
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                            self.run.abstract_state(replicate_indivisible=True).ema_params)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile_eval")
+    futures = []
+    if _NLL_TIMESTEPS.value >= 0:
+      self.nll_bound = sample_quality.NllBound(self.run, num_timesteps=_NLL_TIMESTEPS.value or None,
+                                               model_variance=self.fixed_settings["nll_variance"], seed=_SEED.value)
+      futures.append(pool.submit(self.nll_bound.compile, abstract))
+    options = generation.sampler_options(self.config, sampler=self.fixed_settings["sampler"],
+                                         num_steps=self.fixed_settings["steps"])
+    self.evaluator = sample_eval.create_evaluator(
+        self.run, feature_network=self.network_name, inception_weights=_INCEPTION_WEIGHTS.value,
+        cache=_CACHE_DIR.value, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, options=options,
+        seed=_SEED.value, reference_stats=_REFERENCE_STATS.value, max_features=_MAX_FEATURES.value,
+        negative_prompt=self.config.sampling.negative_prompt)
+    futures += [pool.submit(c) for c in self.evaluator.compile(abstract, self.settings)]
+    pool.shutdown(wait=False)
+    return futures
+
   def evaluate(self, step: int | None) -> dict:
     """Evaluates checkpoint `step` (None: the newest good one); writes and returns its record."""
-    if self.evaluator is None:
-      options = generation.sampler_options(self.config, sampler=self.fixed_settings["sampler"],
-                                           num_steps=self.fixed_settings["steps"])
-      self.evaluator = sample_eval.create_evaluator(
-          self.run, feature_network=self.network_name, inception_weights=_INCEPTION_WEIGHTS.value,
-          cache=_CACHE_DIR.value, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, options=options,
-          seed=_SEED.value, reference_stats=_REFERENCE_STATS.value, max_features=_MAX_FEATURES.value,
-          negative_prompt=self.config.sampling.negative_prompt)
+    compiling = self._prepare() if self.evaluator is None else []
     params, step = inference.load_params(self.run, self.workdir, step)
+    if compiling:
+      # Meanwhile, on this thread: TensorFlow (~7 s of imports), which the TensorBoard writer needs at the end.
+      importlib.import_module("diffusion_jax.metrics.writers")
+      for future in compiling:
+        future.result()  # Raises what the compile raised.
     old = self.check_record(step)
     logging.info("Evaluating step %d: %d samples for each of %d settings.", step, _NUM_SAMPLES.value,
                  len(self.settings))
@@ -214,10 +238,8 @@ class Job:
     metrics = {k: v for r in results for k, v in r.metrics.items()}
     if self.evaluator.classifier_test_accuracy is not None:
       metrics["classifier_test_accuracy"] = self.evaluator.classifier_test_accuracy
-    if _NLL_TIMESTEPS.value >= 0:
-      metrics.update(sample_quality.nll_bits_per_dim(
-          inference.LoadedModel(self.run, params, step), num_timesteps=_NLL_TIMESTEPS.value or None,
-          model_variance=self.fixed_settings["nll_variance"], seed=_SEED.value))
+    if self.nll_bound is not None:
+      metrics.update(self.nll_bound(params))
     record = run_files.merge_records(old or {}, {**self.settings_record(step), **metrics})
     if jax.process_index() == 0:
       self._write(step, record, results, metrics)
@@ -231,6 +253,7 @@ class Job:
       name = result.setting.name.replace("/", "_") or "samples"
       images.save_grid(directory / f"{step}_{name}.png", result.grid, num_rows=result.grid_rows)
     plot = self._plot_sweep(step, record, directory / f"{step}_sweep.png")
+    from diffusion_jax.metrics import writers as metric_writers  # pylint: disable=g-import-not-at-top  (TF)
     writer = metric_writers.create_writer(directory)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.flush()

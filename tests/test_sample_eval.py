@@ -119,6 +119,47 @@ def test_evaluation_is_deterministic_and_the_same_on_8_devices(twenty_steps, tmp
   assert one["fd/template_0/guidance_1"] != one["fd/template_0/guidance_3"]
 
 
+def test_programs_compiled_ahead_on_other_threads_are_the_ones_evaluation_runs(twenty_steps):
+  """evaluate compiles the guided and unguided samplers and the NLL bound on two threads while it loads the
+  checkpoint: evaluating must then compile none of them again, and give what a fresh bound gives."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import generation, inference  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics import sample_quality  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = twenty_steps
+  loaded = inference.load(workdir)
+  evaluator = sample_eval.create_evaluator(
+      loaded.run, feature_network="digits", inception_weights="", cache="", num_samples=8, batch_size=8,
+      options=generation.sampler_options(loaded.config, num_steps=3), seed=0)
+  bound = sample_quality.NllBound(loaded.run, num_timesteps=3)
+  settings = sample_eval.settings_for("text", [1, 3])
+  compiled = []
+
+  def listener(event, duration, fun_name="", **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name in ("jit(sample_and_featurize)",
+                                                                              "jit(batch_bpd)"):
+      compiled.append(fun_name[4:-1])
+
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), loaded.params)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+      for future in [pool.submit(c) for c in evaluator.compile(abstract, settings)
+                     + [functools.partial(bound.compile, abstract)]]:
+        future.result()
+    ahead = sorted(compiled)
+    results = evaluator.evaluate(loaded.params, settings)
+    nll = bound(loaded.params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert ahead == ["batch_bpd", "sample_and_featurize", "sample_and_featurize"]  # Guided, unguided, the bound.
+  assert sorted(compiled) == ahead
+  assert [r.setting for r in results] == settings and all(np.isfinite(list(r.metrics.values())).all() for r in results)
+  assert nll == sample_quality.nll_bits_per_dim(loaded, num_timesteps=3)
+
+
 def test_evaluate_all_steps_writes_records_grids_plot_and_tensorboard(twenty_steps, tmp_path):
   config, original, _ = twenty_steps
   workdir = str(tmp_path / "run")

@@ -19,10 +19,11 @@ reference classifier, 'accuracy' (is a sample of class c recognized as c?).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,16 @@ def settings_for(conditioning_kind: str, scales: Sequence[float], templates: Seq
 
 def metric_key(metric: str, setting: Setting) -> str:
   return f"{metric}/{setting.name}" if setting.name else metric
+
+
+def _guides(setting: Setting) -> bool:
+  """Whether `setting` samples with guidance: scale 1 is the conditional prediction, with no unconditional
+  half of the batch to evaluate."""
+  return setting.guidance_scale is not None and setting.guidance_scale != 1.0
+
+
+def _compile(jitted, args: tuple) -> None:
+  jitted.lower(*args).compile()
 
 
 def round_batch(batch_size: int, mesh) -> int:
@@ -198,6 +209,32 @@ class SampleEvaluator:
           in_shardings=(self._replicated, self._replicated, self._batch, self._batch, self._batch, self._replicated))
     return self._steps[guide]
 
+  def _batch_args(self, setting: Setting, batch_index: int) -> tuple[np.ndarray, tuple]:
+    """(requested labels [b], the step's arguments after the parameters and network variables: inputs,
+    null inputs, scales [b], key) of batch `batch_index` of `setting`, as global arrays."""
+    b = self.batch_size
+    requests, labels = self._requests(setting, np.arange(batch_index * b, (batch_index + 1) * b))
+    scale = 1.0 if setting.guidance_scale is None else setting.guidance_scale
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), batch_index)
+    return labels, (_to_global(self.run.conditioning.inputs_for(requests), self._batch),
+                    _to_global(self.run.conditioning.null_inputs(b, self.negative_prompt), self._batch),
+                    _to_global(np.full((b,), scale, np.float32), self._batch),
+                    _to_global(jax.device_get(rng), self._replicated))
+
+  def compile(self, abstract_params: Any, settings: Sequence[Setting]) -> list[Callable[[], None]]:
+    """One function per sampler program that `evaluate(params, settings)` will run (guided, unguided),
+    each compiling it ahead of that call for parameters of `abstract_params`' shapes (placed as
+    `evaluate` places them): for a caller with idle cores now, to run in parallel. Call them from any
+    thread, but all of them before `evaluate` (which would otherwise compile the same program again)."""
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
+                          abstract_params)
+    compiles = []
+    for guide in sorted({_guides(s) for s in settings}):
+      setting = next(s for s in settings if _guides(s) == guide)
+      _, args = self._batch_args(setting, 0)
+      compiles.append(functools.partial(_compile, self._step(guide), (params, self._network_variables) + args))
+    return compiles
+
   def _requests(self, setting: Setting, indices: np.ndarray) -> tuple[list[Any], np.ndarray]:
     """(requests, requested labels) of global sample indices: labels cycle through the classes, so
     every class gets N / num_classes samples."""
@@ -224,18 +261,10 @@ class SampleEvaluator:
     grid_count = GRID_ROWS * (self.run.dataset.num_classes if conditioning.kind != "none" else 8)
     grid = []
     progress = Progress(f"sampling {setting.name or 'unconditional'}", n)
-    scale = 1.0 if setting.guidance_scale is None else setting.guidance_scale
-    # Scale 1 is the conditional prediction: no unconditional half of the batch to evaluate.
-    step = self._step(guide=scale != 1.0)
+    step = self._step(guide=_guides(setting))
     for batch_index, start in enumerate(range(0, n, b)):
-      indices = np.arange(start, start + b)
-      requests, labels = self._requests(setting, indices)
-      inputs = conditioning.inputs_for(requests)
-      null = conditioning.null_inputs(b, self.negative_prompt)
-      rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), batch_index)
-      images, features, logits = step(
-          params, self._network_variables, _to_global(inputs, self._batch), _to_global(null, self._batch),
-          _to_global(np.full((b,), scale, np.float32), self._batch), _to_global(jax.device_get(rng), self._replicated))
+      labels, args = self._batch_args(setting, batch_index)
+      images, features, logits = step(params, self._network_variables, *args)
       valid = min(b, n - start)
       images, features, logits = (_to_host(x)[:valid] for x in (images, features, logits))
       stats.update(features)
