@@ -7,6 +7,7 @@ import concurrent.futures
 import jax
 import numpy as np
 from absl import logging
+from clu import periodic_actions
 
 from diffusion_jax import build as build_lib
 from diffusion_jax import config as config_lib
@@ -17,6 +18,7 @@ from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import Interrupted, NonFiniteError
 from diffusion_jax.metrics import held_out_loss, sample_eval
+from diffusion_jax.metrics import writers as metric_writers
 from diffusion_jax.parallel import mesh as mesh_lib
 from diffusion_jax.train_step import abstract_global_batch, check_batch_divisibility, global_batch, make_train_step
 
@@ -69,9 +71,6 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   eval_loss = held_out_loss.make_held_out_loss(run, held_out_loss.load_examples(run, config.eval_num_examples))
   sample_evaluator, eval_settings = _create_sample_evaluator(run)
 
-  # clu's writers import TensorFlow (~7 s of one core): here, while the train step compiles, not before.
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.metrics import writers as metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_writer(workdir, drop_steps_after=initial_step)
   if initial_step == 0:
     writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
