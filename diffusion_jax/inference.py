@@ -18,9 +18,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from diffusion_jax import build, paths, run_files, train_state
+from diffusion_jax import build, generation, paths, run_files, train_state
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.errors import UserError
+from diffusion_jax.parallel import mesh as mesh_lib
 
 EXPORT_MANIFEST = "export.json"
 
@@ -131,6 +132,18 @@ def load_params(run: build.Run, path: str, step: int | None = None) -> tuple[Any
   params = jax.device_get(params)
   _check_finite(params, f"{path!r} (step {step})")
   return params, step
+
+
+def generate(run: build.Run, sample_fn, params: Any, requests, guidance_scale: float, seed: int,
+             negative_prompt: str = "") -> np.ndarray:
+  """generation.generate with host `params` (as `load_params` returns them) laid out on `run.mesh` as
+  training lays out its EMA parameters, and the mesh active: the program is then training's grid sampler,
+  which the persistent compilation cache holds, instead of a second compile."""
+  shardings = jax.tree.map(lambda a: a.sharding, run.abstract_state(replicate_indivisible=True).ema_params)
+  place = lambda x, sharding: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index])
+  with mesh_lib.activate(run.mesh, run.rules):
+    return generation.generate(sample_fn, jax.tree.map(place, params, shardings), run.conditioning, requests,
+                               guidance_scale, seed, negative_prompt)
 
 
 def checkpoint_steps(path: str) -> list[int]:

@@ -129,8 +129,8 @@ def main(argv):
       logging.warning("--guidance_scale=%s ignored: an unconditional model samples without guidance.", scale)
     scale = 1.0
   negative = config.sampling.negative_prompt if _NEGATIVE.value is None else _NEGATIVE.value
-  images = images_lib.to_uint8(generation.generate(sample_fn, loaded.params, run.conditioning, requests,
-                                                 scale, _SEED.value, negative))
+  images = images_lib.to_uint8(inference.generate(run, sample_fn, loaded.params, requests, scale, _SEED.value,
+                                                negative))
   fields = {}  # What each image was asked for: samples.npz holds `prompts` or `labels` [N].
   if run.conditioning.kind == "text":
     fields["prompts"] = np.asarray(requests)

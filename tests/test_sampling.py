@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import generation
+from diffusion_jax import build, generation, inference
 from diffusion_jax.diffusion import samplers, schedules
 from diffusion_jax.errors import UserError
 from diffusion_jax.models.autoencoder import PixelSpace
 from diffusion_jax.models.conditioning import TextConditioning
+from diffusion_jax.parallel import mesh as mesh_lib
 from tests.conftest import tiny_config
 from tests.test_models import _randomize, model_and_params  # pylint: disable=unused-import  (fixture)
 
@@ -100,3 +101,35 @@ def test_compile_generate_compiles_the_program_that_generate_then_reuses(model_a
     jax.monitoring.unregister_event_duration_listener(listener)
   assert ahead >= 1 and len(compiles) == ahead
   assert images.shape == (3, 8, 8, 1)
+
+
+def test_the_sample_command_runs_the_program_training_compiled_for_its_grids(twenty_steps):
+  """`sample` (inference.generate) lays the parameters out and activates the mesh as training does for its
+  grids, so its program is training's: the persistent compilation cache then finds it instead of a second
+  compile (here, in one process: the same jitted function must not compile again)."""
+  config, workdir, _ = twenty_steps
+  loaded, train_run = inference.load(workdir), build.build(config)
+  run, negative = loaded.run, config.sampling.negative_prompt
+  fn = generation.make_sample_fn(run.model, run.schedule, generation.sampler_options(config), run.autoencoder)
+  rows = generation.grid_requests(config, run.dataset, run.conditioning.kind)
+  requests = [r for r in rows for _ in range(config.sampling.num_per_prompt)]
+  compiles = []
+
+  def listener(event, duration, fun_name="", **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(sample)":
+      compiles.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    abstract = train_run.abstract_state()
+    with mesh_lib.activate(train_run.mesh, train_run.rules):  # What training does at start-up.
+      generation.compile_generate(fn, abstract.ema_params, train_run.conditioning, requests, negative)
+    images = inference.generate(run, fn, loaded.params, requests, 3.0, seed=1, negative_prompt=negative)
+    assert compiles == ["jit(sample)"]
+    unplaced = generation.generate(fn, loaded.params, run.conditioning, requests, 3.0, seed=1, negative_prompt=negative)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == ["jit(sample)"] * 2  # Host parameters without the mesh: another program.
+  np.testing.assert_allclose(images, unplaced, atol=1e-5)  # Computing the same images.
+  assert images.shape == (len(requests),) + run.dataset.image_shape
