@@ -1,5 +1,6 @@
 """Shared fixtures: a prepared digits dataset and a tiny config that trains in seconds."""
 
+import collections
 import os
 import tempfile
 
@@ -23,11 +24,13 @@ from diffusion_jax.config import get_default_config
 
 
 def pytest_collection_modifyitems(items):
-  """Files with a slow test first, each file's tests in their own order. pytest-xdist (`--dist loadfile`)
-  hands files to the workers in this order: the longest start early (longest-first scheduling), so the
-  two workers finish together instead of one running the last multi-minute file alone."""
-  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.path not in slow_files)  # A stable sort.
+  """Files with slow tests first, most slow tests first (a proxy for the longest file), each file's tests
+  in their own order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands files to the workers in
+  this order: the longest start early (longest-first scheduling), so the two workers finish together
+  instead of one running the last multi-minute file alone. Without --no-loadscope-reorder, xdist
+  reorders files by their number of tests, most first: the one-test README job ran last, alone."""
+  slow_count = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+  items.sort(key=lambda item: -slow_count[item.path])  # A stable sort.
 
 
 @pytest.fixture(scope="session")
