@@ -98,11 +98,12 @@ def _assert_same_training(state, losses, base_state, base_losses):
 
 
 def test_gradient_accumulation_equals_one_big_batch(config):
+  # 4 micro-batches of 4 here; 2 micro-batches are checked on a sharded mesh (sharded_check.py). Each
+  # accumulation count compiles another step and state (2-3 minutes of the suite on a loaded machine).
   config.batch_size = 16
   base_state, base_losses = _one_step(config)
-  for k in (2, 4):
-    config.gradient_accumulation_steps = k
-    _assert_same_training(*_one_step(config), base_state, base_losses)
+  config.gradient_accumulation_steps = 4
+  _assert_same_training(*_one_step(config), base_state, base_losses)
 
 
 def test_remat_changes_memory_not_results(config):
