@@ -28,7 +28,8 @@ def train_and_evaluate(config, workdir: paths.PathLike) -> train_state.TrainStat
   gs://bucket/run), logging, sampling and checkpointing.
 
   On SIGTERM it saves at the end of the current step and returns; steps with a non-finite loss or
-  gradient are skipped, and NonFiniteError stops the run after too many in a row.
+  gradient are skipped, and NonFiniteError stops the run after too many in a row, or after a non-finite
+  update (see `summarize`).
   """
   config_lib.validate(config)
   workdir = paths.ensure_writable_dir(workdir, "--workdir")
@@ -190,19 +191,28 @@ def _create_sample_evaluator(run) -> tuple[sample_eval.SampleEvaluator | None, l
 def summarize(metrics: list[dict[str, np.ndarray]], step: int, config, last_checkpoint: int | None) -> dict[str, float]:
   """Averages the per-step metrics of steps (step − len(metrics), step]; sums the skipped steps.
 
-  Raises NonFiniteError when `config.max_consecutive_nonfinite_steps` steps in a row were skipped.
+  Raises NonFiniteError when `config.max_consecutive_nonfinite_steps` steps in a row were skipped, or when
+  a step that was not skipped (finite loss and gradient) made the parameters non-finite.
   """
   if not metrics:
     return {}
+  first = step - len(metrics) + 1
+  kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
   streaks = [int(m["nonfinite_streak"]) for m in metrics]
   limit = config.max_consecutive_nonfinite_steps
   if max(streaks) >= limit:
-    at = step - len(metrics) + 1 + next(i for i, s in enumerate(streaks) if s >= limit)
-    kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+    at = first + next(i for i, s in enumerate(streaks) if s >= limit)
     raise NonFiniteError(
         f"{limit} consecutive steps ({at - limit + 1} to {at}) had a non-finite loss or gradient and were "
         f"skipped (max_consecutive_nonfinite_steps={limit}); stopping. The last checkpoint ({kept}) is left "
         f"as it was. Lower optimizer.learning_rate or optimizer.grad_clip_norm, or check the data, and rerun.")
+  for i, m in enumerate(metrics):
+    if not m["skipped_nonfinite"] and not (np.isfinite(m["update_norm"]) and np.isfinite(m["param_norm"])):
+      raise NonFiniteError(
+          f"step {first + i} had a finite loss and gradient but a non-finite update (update norm "
+          f"{float(m['update_norm'])}, learning rate {float(m['learning_rate'])}), which made the parameters "
+          f"non-finite; stopping. The last checkpoint ({kept}) is left as it was. Check "
+          f"optimizer.learning_rate and the optimizer's settings, and rerun.")
   finite = [m for m in metrics if not m["skipped_nonfinite"]]
   summary = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan")
              for k in metrics[0] if k not in ("skipped_nonfinite", "nonfinite_streak")}

@@ -30,7 +30,8 @@ from diffusion_jax.diffusion import samplers
 from diffusion_jax.errors import NonFiniteError, UserError
 from tests.conftest import tiny_config
 from tests.test_cli import _assert_one_line_error, _run
-from tests.test_fault_tolerance import _finish, _logged_step, _output, _start, _wait_for_step, one_device_run
+from tests.test_fault_tolerance import (_finish, _logged_step, _output, _start, _state, _wait_for_step,
+                                        one_device_run)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,22 +192,31 @@ def test_a_config_file_with_an_error_names_the_file_and_line(tmp_path):
                          f"config file '{name}', line 5 (in get_config): NameError: name 'undefined_seed'")
 
 
-# 3. A NaN learning rate (or any non-finite update) never reaches the parameters or a checkpoint.
+# 3. A NaN learning rate (or any non-finite update) stops the run before it reaches a checkpoint.
 
-def test_a_non_finite_update_from_finite_gradients_is_skipped(config):
-  # A finite loss and gradient, then a NaN learning rate: what `optimizer.learning_rate=nan` did.
-  tx = optax.chain(train_state.create_optimizer(config), optax.scale(jnp.nan))
-  run, state, shardings = one_device_run(config, optimizer=tx)
-  step = train_step_lib.make_train_step(run, shardings)
-  batch = next(pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer))
-  before = jax.device_get(state)
-  after, metrics = step(state, {"image": jnp.asarray(batch["image"]), "tokens": jnp.asarray(batch["tokens"])})
-  after = jax.device_get(after)
-  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
-  assert not np.isfinite(metrics["update_norm"]) and int(metrics["skipped_nonfinite"]) == 1
-  for a, b in zip(jax.tree.leaves((after.params, after.ema_params, after.opt_state)),
-                  jax.tree.leaves((before.params, before.ema_params, before.opt_state))):
-    np.testing.assert_array_equal(a, b)
+def _nan_updates_from(count: int):
+  """AdamW followed by a scale that turns NaN from optimizer step `count` on: what
+  `optimizer.learning_rate=nan` did, with finite losses and gradients throughout."""
+  create = train_state.create_optimizer
+  return lambda config, **kwargs: optax.chain(
+      create(config, **kwargs), optax.scale_by_schedule(lambda n: jnp.where(n >= count, jnp.nan, 1.0)))
+
+
+def test_a_non_finite_update_from_finite_gradients_stops_the_run(config, tmp_path, monkeypatch):
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 20, 5, 10
+  config.eval_num_examples = 16
+  monkeypatch.setattr(train_state, "create_optimizer", _nan_updates_from(12))  # Step 13's update is NaN.
+  workdir = str(tmp_path / "nan_update")
+  with pytest.raises(NonFiniteError, match=r"step 13 had a finite loss and gradient but a non-finite update "
+                                           r"\(update norm nan, learning rate [0-9.e-]+\), .* The last checkpoint "
+                                           r"\(step 10\) is left as it was"):
+    train.train_and_evaluate(config, workdir)
+  # The run stopped at step 15's log line, before its next checkpoint: step 10 is the latest, finite.
+  assert Checkpointer(workdir, read_only=True).all_steps() == [10]
+  state = _state(workdir)
+  assert int(state.step) == 10 and int(state.nonfinite_steps) == 0
+  for leaf in jax.tree.leaves((state.params, state.ema_params, state.opt_state)):
+    assert np.all(np.isfinite(leaf))
 
 
 def test_a_state_with_nan_parameters_is_never_saved(config, tmp_path):
