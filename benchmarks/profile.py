@@ -12,7 +12,10 @@ time, and the costliest ops (with the JAX source they came from) are returned.
 On a CPU the op events are XLA:CPU's thunks, whose names are the HLO instructions'; on a GPU they are
 kernels, which the trace tags with their HLO op (`hlo_op`). Op time is the sum of op durations: on a
 multi-threaded CPU it can exceed the wall time; on a GPU, wall − op time is the time the device idled
-(host syncs, launch gaps).
+(host syncs, launch gaps). XLA:CPU runs convolutions and matmuls asynchronously: their event covers the
+launch only and completion is a separate `end: <op>` marker (a medium-preset 3×3 convolution: a 0.6 ms
+event, done 6.1 ms later), so on a CPU those categories are under-reported and the ops that wait for
+them over-reported; compare CPU programs by timing them, as benchmarks/run.py's train suite does.
 """
 
 from __future__ import annotations
