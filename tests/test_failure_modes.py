@@ -23,7 +23,6 @@ import pytest
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import inference, run_files, train, train_state
-from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.diffusion import samplers
