@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import host
 from benchmarks import peer as peer_lib
 from benchmarks import presets
 from benchmarks import profile as profile_lib
@@ -562,7 +563,9 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
   device = jax.devices()[0]
   results: dict[str, Any] = {
       "device": str(device), "device_kind": device.device_kind, "backend": jax.default_backend(),
-      "jax": jax.__version__, "suites": suites, "steps_per_block": steps, "blocks": blocks, "configs": {}}
+      "cpu": host.cpu_model(), "jax": jax.__version__, "suites": suites, "steps_per_block": steps,
+      "blocks": blocks, "configs": {}}
+  cpu_times_at_start = host.cpu_times()
   if with_peer:
     import diffusers  # pylint: disable=g-import-not-at-top  (imported by peer_lib already, with USE_TORCH=0)
     results["diffusers"] = diffusers.__version__
@@ -594,6 +597,9 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
       if "profile" in suites:
         entry["profile"] = bench_profile(bench, steps, trace_dir, with_peer)
       results["configs"][name] = entry
+  # Time the hypervisor gave other guests while the suite ran: high values mean absolute numbers (not
+  # the side-by-side ratios) are slowed by a shared machine.
+  results["cpu_steal_fraction"] = host.steal_fraction(cpu_times_at_start, host.cpu_times())
   if out:
     with open(out, "w", encoding="utf-8") as f:
       json.dump(_rounded(results), f, indent=2)
@@ -710,11 +716,13 @@ def format_table(results: dict) -> str:
       lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}")
       continue
     lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>12}  {r[4]:>12}  {r[5]:>9}")
-  head = f"device: {results['device']} ({results['backend']}), jax {results['jax']}"
+  head = f"device: {results['device']} ({results['backend']}; CPU {results['cpu']}), jax {results['jax']}"
   if "diffusers" in results:
     head += f", diffusers {results['diffusers']}"
   for dtype, peak in results.get("matmul_peak_gflop_s", {}).items():
     head += f", {dtype} matmul peak {peak:.4g} GFLOP/s"
+  if results.get("cpu_steal_fraction") is not None:
+    head += f", CPU steal {results['cpu_steal_fraction']:.0%} of the run (time other guests took)"
   return "\n".join([head] + lines)
 
 

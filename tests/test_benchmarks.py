@@ -122,6 +122,9 @@ def test_suite_runs_end_to_end_at_tiny(end_to_end_run):
   assert train["ratio_vs_peer_our_options"] > 0 and sampler["ratio_vs_peer_our_options"] > 0
   table = stdout.splitlines()
   assert any(line.split()[:3] == ["tiny", "train", "images/s"] for line in table), stdout
+  # The host: its CPU model, and the share of the run's CPU time that other guests took (in the header).
+  assert written["cpu"] and 0 <= written["cpu_steal_fraction"] <= 1
+  assert any(line.startswith("device:") and "CPU steal" in line for line in table), stdout
   # Both steps profiled, their traces beside results.json; a U-Net step's op time is mostly
   # convolutions and matmuls, and the shares add up.
   for side in ("ours", "peer"):
