@@ -30,7 +30,9 @@ Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
 Timings are taken side by side: blocks of `steps` calls alternate between ours and the peer and the
 median block is reported (the JSON has every block), so a noisy shared machine slows both alike. In this
 process JAX's persistent compilation cache is off, so compile times are cold (the startup suite measures
-the cache separately). Neither side runs a VAE or a frozen CLIP: inputs are S×S×4 latents.
+the cache separately). Neither side runs a VAE or a frozen CLIP: inputs are S×S×4 latents. The results
+name the CPU model and the share of the run's CPU time the hypervisor gave other guests (`cpu`,
+`cpu_steal_fraction`: benchmarks/host.py), by which absolute numbers from a shared machine can be judged.
 """
 
 from __future__ import annotations
