@@ -6,8 +6,9 @@ import pytest
 
 from benchmarks import host
 
-# Two readings of a 2-core guest 10 s apart (100 ticks/s/core = 2,000 ticks), from a shared VM while a
-# training ran on one core: columns user nice system idle iowait irq softirq steal guest guest_nice.
+# Two aggregate `cpu` lines read ~11 s apart on this 2-core shared VM (100 ticks/s per core) while a
+# training ran: user nice system idle iowait irq softirq steal guest guest_nice. The per-core `cpu0`
+# lines are made up: they differ from the aggregate, so reading them instead would fail the test.
 _BEFORE = """cpu  3401239 0 148653 9790182 6338 0 3430 272297 0 0
 cpu0 1700000 0 74000 4895000 3000 0 1700 136000 0 0
 intr 123456
@@ -25,7 +26,7 @@ def test_steal_fraction_is_the_share_of_all_ticks_the_hypervisor_took():
 
 
 def test_guest_time_is_not_counted_twice_and_old_kernels_have_no_steal():
-  # guest (column 9) is already inside user: a reading whose guest ticks grew changes nothing else.
+  # guest (column 9) is already inside user: its 7 ticks must not be added to busy or total.
   with_guest = host.parse_cpu_times("cpu 10 0 5 80 5 0 0 0 7 0\n")
   assert (with_guest.busy, with_guest.idle, with_guest.steal, with_guest.total) == (15, 85, 0, 100)
   old_kernel = host.parse_cpu_times("cpu 10 0 5 80 5 0 0\n")  # Before 2.6.11: no steal column.
