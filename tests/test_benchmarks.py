@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import peer, presets
 from benchmarks import run as bench_run
+from diffusion_jax.data import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NO_PEER = peer.available()
@@ -82,6 +83,16 @@ def test_presets_derive_both_sides_from_one_layout():
   assert kwargs["cross_attention_dim"] == 1024
   with pytest.raises(ValueError, match="multiples of 32"):
     presets.Preset("bad", (48, 96), (True, False), 1, 16, 8, 2, 8, 32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_dataset_registry():
+  """presets.our_config registers stand-in datasets in the process-wide registry: the test files this
+  worker runs next must see only the real datasets (test_datasets checks the list that errors name)."""
+  saved = dict(registry.DATASETS)
+  yield
+  registry.DATASETS.clear()
+  registry.DATASETS.update(saved)
 
 
 @pytest.fixture(scope="module", autouse=True)
