@@ -19,7 +19,7 @@ from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import UserError
 from diffusion_jax.parallel import mesh as mesh_lib
-from tests.conftest import tiny_config
+from tests.conftest import perturbed, tiny_config
 
 STEPS = 3
 
@@ -31,11 +31,8 @@ def train_on_mesh(config, devices):
                                                     run.rules, config.mesh.replicate_indivisible)
   # Zero-initialized output layers make every other gradient exactly 0 at step 0 and tiny after it;
   # Adam normalizes such float-noise-level gradients to full-size steps, so start from perturbed
-  # parameters, where gradients are well above rounding noise.
-  perturb = jax.jit(lambda s: s.replace(params=jax.tree.map(
-      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), s.params)),
-      out_shardings=shardings)
-  state = perturb(state)
+  # parameters, where gradients are well above rounding noise (the same on every mesh).
+  state = state.replace(params=perturbed(state.params))
   step = train_step_lib.make_train_step(run, shardings)
   it = pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer)
   keys = ("image",) + tuple(run.conditioning.input_keys)

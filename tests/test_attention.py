@@ -108,6 +108,7 @@ import jax, jax.numpy as jnp, numpy as np
 from configs import smoke
 from diffusion_jax import build
 from diffusion_jax.parallel import mesh as mesh_lib
+from tests.conftest import perturbed
 outs, params = {}, None
 for impl in ("xla", "splash"):
   config = smoke.get_config()
@@ -117,7 +118,7 @@ for impl in ("xla", "splash"):
   if params is None:  # One set of parameters for both (the kernel has none).
     state, _ = run.create_state(jax.random.PRNGKey(0))
     # Non-zero output projections, so that attention reaches the output.
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), state.params)
+    params = perturbed(state.params)
   x, t, inputs = run.model.dummy_inputs(8)
   x = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   inputs = {k: jnp.asarray(v) for k, v in run.conditioning.inputs_for(["a handwritten digit 7"] * 8).items()}

@@ -21,7 +21,7 @@ from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import samplers, schedules
 from diffusion_jax.models import conditioning
-from tests.conftest import tiny_config
+from tests.conftest import perturbed, tiny_config
 from tests.test_cli import _assert_one_line_error, _run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +38,6 @@ def _one_device(config):
   state, shardings = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh,
                                                     run.rules)
   return run, state, shardings
-
-
-def _perturbed(params):
-  return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
 
 
 def _batch(run, config):
@@ -67,7 +63,7 @@ def test_p_uncond_one_trains_exactly_on_the_null_condition(data_dir, kind):
   run, state, shardings = _one_device(config)
   # Zero-initialized output layers make a fresh model ignore its condition: perturb the parameters first.
   # The step donates its input: start each call from a host copy.
-  state = jax.device_get(state.replace(params=_perturbed(state.params)))
+  state = jax.device_get(state.replace(params=perturbed(state.params)))
   batch = _batch(run, config)
   null = run.conditioning.null_inputs(batch["image"].shape[0])
   nulled = dict(batch, **{k: jnp.asarray(v) for k, v in null.items()})
@@ -94,7 +90,7 @@ def test_drop_to_null_replaces_exactly_the_dropped_examples():
 @pytest.mark.parametrize("kind, requests", [("text", ["a handwritten digit 3", "7"]), ("class", [3, 7])])
 def test_guidance_scale_one_ignores_the_null_condition(data_dir, kind, requests):
   run, state, _ = _one_device(_config(data_dir, kind))
-  params = _perturbed(state.params)  # So that the condition really changes the prediction.
+  params = perturbed(state.params)  # So that the condition really changes the prediction.
   fn = generation.make_sample_fn(run.model, run.schedule, samplers.SamplerOptions(num_steps=4), run.autoencoder)
   inputs = jax.tree.map(jnp.asarray, run.conditioning.inputs_for(requests))
   null = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(2))

@@ -9,14 +9,7 @@ from diffusion_jax.errors import UserError
 from diffusion_jax.models import layers
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.text.tokenizer import ByteTokenizer
-from tests.conftest import tiny_config
-
-
-def _randomize(params, seed=0):
-  """Replaces every leaf with noise: zero-initialized output layers would hide the conditioning."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+from tests.conftest import randomized, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def test_output_shapes(model_and_params):
 
 def test_output_depends_on_caption_and_timestep(model_and_params):
   model, tok, variables = model_and_params
-  params = _randomize(nn.unbox(variables["params"]))
+  params = randomized(nn.unbox(variables["params"]))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
   t = jnp.array([10, 10])
   out_a = model.apply({"params": params}, x, t, {"tokens": jnp.asarray(tok.encode_batch(["3", "3"]))})
@@ -82,7 +75,7 @@ def test_geglu_is_one_dense_split_into_value_and_gate():
   Dense(2F) → split → value · gelu(gate), whose parameters it shares."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
   geglu = layers.GEGLU(features=12)
-  params = _randomize(geglu.init(jax.random.PRNGKey(1), x))
+  params = randomized(geglu.init(jax.random.PRNGKey(1), x))
   dense = layers.dense(24, ("embed", "mlp"))
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, dense.init(jax.random.PRNGKey(1), x))
 

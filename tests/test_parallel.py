@@ -17,7 +17,7 @@ import pytest
 from diffusion_jax import build, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
-from tests.test_models import _randomize
+from tests.conftest import randomized
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_clear_errors_for_indivisible_shapes(sharded_report):
 def _one_step(config, state_params=None, steps=2):
   run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
   state, _ = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules)
-  state = state.replace(params=_randomize(state.params) if state_params is None else state_params)
+  state = state.replace(params=randomized(state.params) if state_params is None else state_params)
   null_inputs = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(1))
   step = jax.jit(functools.partial(train_step_lib.train_step, model=run.model, tx=run.optimizer,
                                    schedule=run.schedule, config=config, autoencoder=run.autoencoder,

@@ -12,8 +12,8 @@ from diffusion_jax.errors import UserError
 from diffusion_jax.models.autoencoder import PixelSpace
 from diffusion_jax.models.conditioning import TextConditioning
 from diffusion_jax.parallel import mesh as mesh_lib
-from tests.conftest import tiny_config
-from tests.test_models import _randomize, model_and_params  # pylint: disable=unused-import  (fixture)
+from tests.conftest import randomized, tiny_config
+from tests.test_models import model_and_params  # pylint: disable=unused-import  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def setup(model_and_params):  # pylint: disable=redefined-outer-name
   params = nn.unbox(variables["params"])
   schedule = schedules.make_schedule("cosine", tiny_config().diffusion.num_timesteps)
   fn = generation.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=4), PixelSpace())
-  return fn, _randomize(params), tok
+  return fn, randomized(params), tok
 
 
 def test_compiled_once_for_new_prompts_scales_and_seeds(setup):
@@ -80,7 +80,7 @@ def test_bad_sampler_settings_are_clear_errors(setup):
 def test_compile_generate_compiles_the_program_that_generate_then_reuses(model_and_params):  # pylint: disable=redefined-outer-name
   """Training compiles its grid sampler ahead (while the train step compiles): the later call must not compile."""
   model, tok, variables = model_and_params
-  params = _randomize(nn.unbox(variables["params"]))
+  params = randomized(nn.unbox(variables["params"]))
   schedule = schedules.make_schedule("cosine", tiny_config().diffusion.num_timesteps)
   fn = generation.make_sample_fn(model, schedule, samplers.SamplerOptions(num_steps=3), PixelSpace())
   conditioning, requests = TextConditioning(tok), ["3", "the number four", ""]

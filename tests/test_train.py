@@ -16,7 +16,7 @@ from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import losses
 from diffusion_jax.images import to_model_range
-from tests.test_models import _randomize
+from tests.conftest import randomized
 
 
 def _setup(config):
@@ -131,7 +131,7 @@ def test_train_writes_outputs_and_resumes_exactly(config, tmp_path):
 def test_caption_dropout_replaces_captions_by_the_empty_prompt(config):
   """p_uncond = 1: the step cannot see the captions; p_uncond = 0: it does."""
   run, state, _ = _setup(config)
-  state = state.replace(params=_randomize(state.params))  # Zero-initialized outputs would hide the text.
+  state = state.replace(params=randomized(state.params))  # Zero-initialized outputs would hide the text.
   batch = next(pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer))
   images = jnp.asarray(batch["image"])
   tokens_a = jnp.asarray(batch["tokens"])
