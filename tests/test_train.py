@@ -34,6 +34,33 @@ def _step_fn(run, config):
                                    null_inputs=null_inputs))
 
 
+def test_learning_rate_schedules_match_their_closed_forms(config):
+  """Linear warm-up from 0 to the peak over warmup_steps, then (cosine) a half cosine down to 0 at
+  num_train_steps, which counts the warm-up, and 0 after it; or (constant) the peak."""
+  config.optimizer.learning_rate, config.optimizer.warmup_steps, config.num_train_steps = 1e-3, 10, 110
+  steps = np.array([0, 1, 5, 10, 35, 60, 109, 110, 200])
+  warmup = 1e-3 * steps / 10
+  expected = {"cosine": np.where(steps < 10, warmup, 0.5e-3 * (1 + np.cos(np.pi * np.minimum(steps - 10, 100) / 100))),
+              "constant": np.where(steps < 10, warmup, 1e-3)}
+  for name, values in expected.items():
+    config.optimizer.schedule = name
+    schedule = train_state.learning_rate_schedule(config)
+    np.testing.assert_allclose([float(schedule(s)) for s in steps], values, rtol=1e-5, atol=1e-10, err_msg=name)
+
+
+def test_the_smoke_step_does_not_depend_on_the_run_length(config):
+  """configs/smoke.py's step is one program for every num_train_steps (which the tests vary), so the
+  persistent compilation cache shares it between runs of different lengths."""
+  texts = []
+  for num_train_steps in (20, 40):
+    config.num_train_steps = num_train_steps
+    run = build.build(config)
+    state = run.abstract_state()
+    step = train_step_lib.make_train_step(run, jax.tree.map(lambda leaf: leaf.sharding, state))
+    texts.append(step.lower(state, train_step_lib.abstract_global_batch(run)).as_text())
+  assert texts[0] == texts[1]
+
+
 def test_loss_decreases_on_a_fixed_batch(config):
   config.optimizer.learning_rate = 3e-3
   config.diffusion.p_uncond = 0.0
