@@ -16,7 +16,7 @@ from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import losses
 from diffusion_jax.images import to_model_range
-from tests.conftest import randomized
+from tests.conftest import perturbed, randomized
 
 
 def _setup(config):
@@ -88,9 +88,7 @@ def test_loss_decreases_on_a_fixed_batch(config):
 def test_checkpoint_restores_identical_state_and_data_position(config, tmp_path):
   run, state, shardings = _setup(config)
   # Make the state non-trivial: random params, a non-zero step.
-  leaves, tree = jax.tree.flatten(state.params)
-  state = state.replace(step=jnp.int32(7), params=jax.tree.unflatten(
-      tree, [l + 0.01 * jax.random.normal(jax.random.PRNGKey(i), l.shape) for i, l in enumerate(leaves)]))
+  state = state.replace(step=jnp.int32(7), params=perturbed(state.params, 0.01))
   it = pipeline.create_train_iterator(config, tokenizer=run.conditioning.tokenizer)
   next(it), next(it)
   ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
