@@ -114,12 +114,14 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
 
 def make_train_step(run, state_shardings: Any):
   """train_step of a `build.Run`, jitted with explicit shardings: state as its logical axes say, batch over
-  (data, fsdp), metrics replicated; the input state's buffers are donated."""
+  (data, fsdp), metrics replicated; the input state's buffers are donated, except on a CPU
+  (`compiler.donates_state`)."""
   null_inputs = jax.tree.map(jnp.asarray, run.conditioning.null_inputs(1))
   step = functools.partial(train_step, model=run.model, tx=run.optimizer, schedule=run.schedule,
                            config=run.config, autoencoder=run.autoencoder, null_inputs=null_inputs)
   return compiler.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(run.mesh)),
-                 out_shardings=(state_shardings, mesh_lib.replicated(run.mesh)), donate_argnums=0)
+                      out_shardings=(state_shardings, mesh_lib.replicated(run.mesh)),
+                      donate_argnums=0 if compiler.donates_state() else ())
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, keys: tuple[str, ...]) -> dict[str, jax.Array]:

@@ -52,6 +52,8 @@ def test_options_change_no_result_beyond_rounding(monkeypatch):
 def test_accelerators_get_no_options():
   assert compiler.options("gpu") == {} and compiler.options("tpu") == {}
   assert compiler.options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  # Donation likewise: kept where the state is most of the memory, off on a CPU (tests/test_train.py).
+  assert compiler.donates_state("gpu") and compiler.donates_state("tpu") and not compiler.donates_state("cpu")
 
 
 def test_a_jaxlib_without_the_options_compiles_with_its_defaults(monkeypatch):

@@ -62,7 +62,7 @@ def test_p_uncond_one_trains_exactly_on_the_null_condition(data_dir, kind):
   config = _config(data_dir, kind)
   run, state, shardings = _one_device(config)
   # Zero-initialized output layers make a fresh model ignore its condition: perturb the parameters first.
-  # The step donates its input: start each call from a host copy.
+  # The step donates its input on an accelerator: start each call from a host copy.
   state = jax.device_get(state.replace(params=perturbed(state.params)))
   batch = _batch(run, config)
   null = run.conditioning.null_inputs(batch["image"].shape[0])

@@ -4,6 +4,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -16,6 +17,7 @@ from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import losses
 from diffusion_jax.images import to_model_range
+from diffusion_jax.parallel import mesh as mesh_lib
 from tests.conftest import perturbed, randomized
 
 
@@ -59,6 +61,26 @@ def test_the_smoke_step_does_not_depend_on_the_run_length(config):
     step = train_step_lib.make_train_step(run, jax.tree.map(lambda leaf: leaf.sharding, state))
     texts.append(step.lower(state, train_step_lib.abstract_global_batch(run)).as_text())
   assert texts[0] == texts[1]
+
+
+def test_on_a_cpu_the_step_copies_none_of_its_state(config):
+  """XLA:CPU writes a donated state in place only after copying the parameters and both Adam moments
+  (`compiler.donates_state`: 683 such copies in this step when donated), so on a CPU the step takes fresh
+  output buffers instead, and its compiled program copies none of them."""
+  if jax.default_backend() != "cpu":
+    return
+  run = build.build(config)
+  state = run.abstract_state()
+  step = train_step_lib.make_train_step(run, jax.tree.map(lambda leaf: leaf.sharding, state))
+  with mesh_lib.activate(run.mesh, run.rules):  # As train.py traces it: the compile is shared through the cache.
+    compiled = step.lower(state, train_step_lib.abstract_global_batch(run)).compile()
+  assert compiled.memory_analysis().alias_size_in_bytes == 0  # Nothing donated.
+  entry = compiled.as_text().split("\nENTRY ", 1)[1]
+  inputs = set(re.findall(r"(%\S+) = \S+ parameter\(\d+\)", entry))
+  assert len(inputs) >= 4 * len(jax.tree.leaves(state.params))  # Parameters, EMA, two moments (+ counters).
+  copied = sorted(src for src in re.findall(r" copy\((%[^),]+)\)", entry) if src in inputs)
+  # Only the RNG key may be copied: the step returns it unchanged, and an output never shares an input's buffer.
+  assert all(name.startswith("%state_rng") for name in copied), f"{len(copied)} input arrays copied: {copied[:4]}"
 
 
 def test_loss_decreases_on_a_fixed_batch(config):
