@@ -6,13 +6,14 @@ import concurrent.futures
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 from clu import periodic_actions
 
 from diffusion_jax import build as build_lib
 from diffusion_jax import config as config_lib
 from diffusion_jax import images as images_lib
-from diffusion_jax import generation, paths, preemption, run_files, train_state
+from diffusion_jax import compiler, generation, paths, preemption, run_files, train_state
 from diffusion_jax import workdir_lock
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
@@ -50,6 +51,8 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   abstract = run.abstract_state()
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   step_fn = make_train_step(run, shardings)
+  # The parameters' global norm, read at each log line and before each checkpoint (see `summarize`).
+  param_norm_of = compiler.jit(optax.global_norm, out_shardings=mesh_lib.replicated(run.mesh))
   step_compiled = compile_in_background(step_fn, abstract, run)
   tokenizer = getattr(run.conditioning, "tokenizer", None)
   train_iter = pipeline.create_train_iterator(config, tokenizer=tokenizer)
@@ -103,7 +106,8 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
         stop = preempt.reached(step)
 
         if step % config.log_every_steps == 0 or last or stop:
-          summary = summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
+          summary = summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step(),
+                              float(jax.device_get(param_norm_of(state.params))))
           pending_metrics.clear()
           writer.write_scalars(step, summary)
           logging.info("step %d/%d: loss %.4f, grad_norm %.3f%s", step, config.num_train_steps, summary["loss"],
@@ -126,7 +130,8 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
 
         if step % config.checkpoint_every_steps == 0 or last or stop:
           # Never save inside a run of non-finite steps that must stop the run.
-          summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step())
+          summarize(jax.device_get(pending_metrics), step, config, checkpointer.latest_step(),
+                    float(jax.device_get(param_norm_of(state.params))))
           checkpoint_metrics = {"eval_loss": eval_loss(state.ema_params)}
           writer.write_scalars(step, checkpoint_metrics)
           checkpointer.save(step, state, train_iter, config.to_dict(), checkpoint_metrics)
@@ -188,16 +193,29 @@ def _create_sample_evaluator(run) -> tuple[sample_eval.SampleEvaluator | None, l
   return evaluator, sample_eval.settings_for(run.conditioning.kind, scales)
 
 
-def summarize(metrics: list[dict[str, np.ndarray]], step: int, config, last_checkpoint: int | None) -> dict[str, float]:
-  """Averages the per-step metrics of steps (step − len(metrics), step]; sums the skipped steps.
+def summarize(metrics: list[dict[str, np.ndarray]], step: int, config, last_checkpoint: int | None,
+              param_norm: float) -> dict[str, float]:
+  """Averages the per-step metrics of steps (step − len(metrics), step]; sums the skipped steps; adds
+  `param_norm`, the parameters' global norm after `step`.
 
-  Raises NonFiniteError when `config.max_consecutive_nonfinite_steps` steps in a row were skipped, or when
-  a step that was not skipped (finite loss and gradient) made the parameters non-finite.
+  Raises NonFiniteError when the parameters are non-finite, i.e. a step that was not skipped (finite loss
+  and gradient) made them so with a non-finite update, or when `config.max_consecutive_nonfinite_steps`
+  steps in a row were skipped.
   """
-  if not metrics:
-    return {}
   first = step - len(metrics) + 1
   kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+  if not np.isfinite(param_norm):
+    # A step on non-finite parameters has a non-finite loss and is skipped, so the last step that was not
+    # skipped is the one whose update made them non-finite (the previous check found them finite).
+    applied = [i for i, m in enumerate(metrics) if not m["skipped_nonfinite"]]
+    culprit = (f"step {first + applied[-1]} had a finite loss and gradient but its update (learning rate "
+               f"{float(metrics[applied[-1]]['learning_rate'])}) made the parameters non-finite" if applied
+               else "the parameters are non-finite")
+    raise NonFiniteError(
+        f"{culprit} (parameter norm {param_norm} at step {step}); stopping. The last checkpoint ({kept}) is "
+        f"left as it was. Check optimizer.learning_rate and the optimizer's settings, and rerun.")
+  if not metrics:
+    return {"param_norm": param_norm}
   streaks = [int(m["nonfinite_streak"]) for m in metrics]
   limit = config.max_consecutive_nonfinite_steps
   if max(streaks) >= limit:
@@ -206,15 +224,9 @@ def summarize(metrics: list[dict[str, np.ndarray]], step: int, config, last_chec
         f"{limit} consecutive steps ({at - limit + 1} to {at}) had a non-finite loss or gradient and were "
         f"skipped (max_consecutive_nonfinite_steps={limit}); stopping. The last checkpoint ({kept}) is left "
         f"as it was. Lower optimizer.learning_rate or optimizer.grad_clip_norm, or check the data, and rerun.")
-  for i, m in enumerate(metrics):
-    if not m["skipped_nonfinite"] and not (np.isfinite(m["update_norm"]) and np.isfinite(m["param_norm"])):
-      raise NonFiniteError(
-          f"step {first + i} had a finite loss and gradient but a non-finite update (update norm "
-          f"{float(m['update_norm'])}, learning rate {float(m['learning_rate'])}), which made the parameters "
-          f"non-finite; stopping. The last checkpoint ({kept}) is left as it was. Check "
-          f"optimizer.learning_rate and the optimizer's settings, and rerun.")
   finite = [m for m in metrics if not m["skipped_nonfinite"]]
   summary = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan")
              for k in metrics[0] if k not in ("skipped_nonfinite", "nonfinite_streak")}
   summary["skipped_nonfinite"] = float(sum(int(m["skipped_nonfinite"]) for m in metrics))
+  summary["param_norm"] = param_norm
   return summary

@@ -85,11 +85,12 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   grad_norm = optax.global_norm(grads)
   # A step with a non-finite loss or gradient changes nothing but the counters: the batch is consumed (the
   # data position and RNG stream stay those of an uninterrupted run) and skipped. Decided before the
-  # update, so XLA fuses the keep-or-skip select into the optimizer's and the EMA's per-parameter loops;
-  # deciding on the updated parameters' norm as well made it a separate pass over the parameters, the EMA
-  # and the optimizer state (~10% of the medium benchmark's step on a CPU). AdamW turns finite gradients
-  # into a finite update; a non-finite one (a NaN learning rate) stops the run on the host before any
-  # checkpoint holds it (train.summarize).
+  # update, so XLA fuses the keep-or-skip select into the optimizer's and the EMA's per-parameter loops.
+  # AdamW turns finite gradients into a finite update; a non-finite one (a NaN learning rate) is caught on
+  # the host at the next log line from the parameters' norm (train.summarize), and the checkpointer never
+  # saves a non-finite state. The step itself returns no norm of its updated parameters or of the update:
+  # on a CPU (no multi-output fusion) each such reduction recomputes the whole update from the parameters,
+  # gradients and both moments: the two norms were 30% of the medium benchmark step's fusions (see README, Benchmarks).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -99,14 +100,11 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   params, ema_params, opt_state = keep_if_finite((params, ema_params, opt_state),
                                                  (state.params, state.ema_params, state.opt_state))
-  update_norm = optax.global_norm(updates)
-  param_norm = optax.global_norm(params)
   skipped = 1 - finite.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
                             nonfinite_steps=state.nonfinite_steps + skipped,
                             nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm, "param_norm": param_norm,
-             "skipped_nonfinite": skipped,
+  metrics = {"loss": loss, "grad_norm": grad_norm, "skipped_nonfinite": skipped,
              "nonfinite_streak": new_state.nonfinite_streak,
              "learning_rate": train_state.learning_rate_schedule(config)(state.step)}
   return new_state, metrics

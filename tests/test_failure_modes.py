@@ -206,9 +206,9 @@ def test_a_non_finite_update_from_finite_gradients_stops_the_run(config, tmp_pat
   config.eval_num_examples = 16
   monkeypatch.setattr(train_state, "create_optimizer", _nan_updates_from(12))  # Step 13's update is NaN.
   workdir = str(tmp_path / "nan_update")
-  with pytest.raises(NonFiniteError, match=r"step 13 had a finite loss and gradient but a non-finite update "
-                                           r"\(update norm nan, learning rate [0-9.e-]+\), .* The last checkpoint "
-                                           r"\(step 10\) is left as it was"):
+  with pytest.raises(NonFiniteError, match=r"step 13 had a finite loss and gradient but its update \(learning rate "
+                                           r"[0-9.e-]+\) made the parameters non-finite \(parameter norm nan at "
+                                           r"step 15\); stopping. The last checkpoint \(step 10\) is left as it was"):
     train.train_and_evaluate(config, workdir)
   # The run stopped at step 15's log line, before its next checkpoint: step 10 is the latest, finite.
   assert Checkpointer(workdir, read_only=True).all_steps() == [10]
@@ -216,6 +216,34 @@ def test_a_non_finite_update_from_finite_gradients_stops_the_run(config, tmp_pat
   assert int(state.step) == 10 and int(state.nonfinite_steps) == 0
   for leaf in jax.tree.leaves((state.params, state.ema_params, state.opt_state)):
     assert np.all(np.isfinite(leaf))
+
+
+def _step_metrics(skipped: list[int], learning_rate: float = 1e-3) -> list[dict[str, np.ndarray]]:
+  """Per-step metrics as train.py fetches them, for consecutive steps; `skipped[i]` 1: step i was skipped."""
+  streak, out = 0, []
+  for s in skipped:
+    streak = (streak + 1) * s
+    out.append({"loss": np.float32(np.nan if s else 0.5), "grad_norm": np.float32(np.nan if s else 2.0),
+                "skipped_nonfinite": np.int32(s), "nonfinite_streak": np.int32(streak),
+                "learning_rate": np.float32(learning_rate)})
+  return out
+
+
+def test_summarize_names_the_step_whose_update_made_the_parameters_non_finite(config):
+  config.max_consecutive_nonfinite_steps = 3
+  # Steps 21 to 25: 22 was skipped (a NaN gradient), 23 applied a NaN update, so 24 and 25 ran on NaN parameters.
+  metrics = _step_metrics([0, 1, 0, 1, 1], learning_rate=0.25)
+  with pytest.raises(NonFiniteError, match=r"^step 23 had a finite loss and gradient but its update \(learning "
+                                           r"rate 0.25\) made the parameters non-finite \(parameter norm inf at "
+                                           r"step 25\); stopping. The last checkpoint \(step 20\) is left"):
+    train.summarize(metrics, 25, config, 20, float("inf"))
+  # Already non-finite at the check before a checkpoint that follows the log line (no steps since).
+  with pytest.raises(NonFiniteError, match=r"^the parameters are non-finite \(parameter norm nan at step 25\)"):
+    train.summarize([], 25, config, 20, float("nan"))
+  # Finite parameters: the mean over the steps that were not skipped, the norm as given.
+  summary = train.summarize(metrics[:3], 23, config, 20, 12.5)
+  assert summary == {"loss": 0.5, "grad_norm": 2.0, "learning_rate": 0.25, "skipped_nonfinite": 1.0,
+                     "param_norm": 12.5}
 
 
 def test_a_state_with_nan_parameters_is_never_saved(config, tmp_path):
