@@ -217,13 +217,29 @@ class Checkpointer:
           integrity=ocp.args.JsonSave(integrity)), metrics=metrics, force=True)
 
   def check_for_errors(self) -> None:
-    """Raises UserError now if an asynchronous save failed for lack of space (else the error as is).
+    """Raises now if the last asynchronous save has failed: UserError for a full disk, else its error.
 
-    Orbax reports a failed background save only at the next save or wait; the training loop calls this
-    after every step, so a full disk stops the run at once instead of after more unsaved training.
+    Orbax's own finalize thread takes a failed background save's error from
+    `CheckpointManager.check_for_errors`, which then never sees it, and keeps it for the next save or
+    wait; so once no save is in progress this waits, which returns at once or raises that error. The
+    training loop calls this after steps, so a full disk stops the run at the first step after the save
+    failed instead of at the next save. With several processes each sees its save end at its own step,
+    and one process stopping while the others enter the next step's collectives would hang them: the
+    processes agree first (a host round trip, so the loop polls less often there).
     """
-    with self._disk_full_as_user_error():
-      self.manager.check_for_errors()
+    error = None
+    if not self.manager.is_saving_in_progress():
+      try:
+        self.wait()
+      except Exception as exc:  # pylint: disable=broad-except  (raised below, on every process)
+        error = exc
+    if jax.process_count() > 1:
+      failed_anywhere = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
+      if failed_anywhere and error is None:
+        raise UserError(f"saving a checkpoint to {self.directory} failed on another process (its log says "
+                        f"why); stopping on every process. Fix that and rerun the same command to resume")
+    if error is not None:
+      raise error
 
   def wait(self) -> None:
     with self._disk_full_as_user_error():

@@ -102,7 +102,8 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = step_fn(state, global_batch(next(train_iter), run.mesh, batch_keys))
         pending_metrics.append(metrics)
-        checkpointer.check_for_errors()  # A failed background save (disk full) stops the run now.
+        if jax.process_count() == 1 or step % config.log_every_steps == 0:
+          checkpointer.check_for_errors()  # A failed background save (disk full) stops the run now.
         progress(step)
         last = step == config.num_train_steps
         stop = preempt.reached(step)

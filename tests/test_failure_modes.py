@@ -349,8 +349,21 @@ def _fill(directory, leave_bytes):
   return filler
 
 
-def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkpoint(config, tmp_path):
+def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkpoint(config, tmp_path,
+                                                                                    monkeypatch):
   config.num_train_steps, config.log_every_steps = 40, 1
+  # How many steps run while a save is in flight depends on the machine; the test lets each save end
+  # (without taking its error) before the next step, so "at once" means exactly the next step.
+  save = Checkpointer.save
+
+  def save_and_let_it_end(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    deadline = time.time() + 120
+    while self.manager.is_saving_in_progress():
+      assert time.time() < deadline, "the save did not end in 120 s"
+      time.sleep(0.01)
+
+  monkeypatch.setattr(Checkpointer, "save", save_and_let_it_end)
   config.checkpoint_every_steps, config.sample_every_steps, config.eval_num_examples = 15, 1000, 16
   with _tmpfs(tmp_path / "small", 48) as mount:
     workdir = os.path.join(mount, "run")
@@ -363,8 +376,8 @@ def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkp
     message = str(error.value)
     assert "No space left on device" in message and workdir in message and "step 15" in message
     assert "\n" not in message
-    # It stopped soon after the failed save, not at the next save (step 40) or the end.
-    assert _logged_step(workdir) < 40
+    # It stopped at the step after the failed save (31, before its log line), not at the next save (40).
+    assert _logged_step(workdir) == 30
     assert Checkpointer(workdir, read_only=True).all_steps() == [15]
     os.remove(filler)
     train.train_and_evaluate(config, workdir)  # Space freed: resumes from 15 and finishes.
