@@ -75,6 +75,13 @@ def _leaf_stats(tree: Any) -> tuple[list[tuple[Any, ...]], np.ndarray, np.ndarra
   return [p for p, _ in with_paths], sums, nonfinite
 
 
+def _on_any_process(flag: bool) -> bool:
+  """True if `flag` is True on any process (a collective: every process must call it at the same point)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _combine(sums: np.ndarray) -> int:
   return sum((i + 1) * int(s) for i, s in enumerate(sums)) % 2**32
 
@@ -233,11 +240,9 @@ class Checkpointer:
         self.wait()
       except Exception as exc:  # pylint: disable=broad-except  (raised below, on every process)
         error = exc
-    if jax.process_count() > 1:
-      failed_anywhere = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
-      if failed_anywhere and error is None:
-        raise UserError(f"saving a checkpoint to {self.directory} failed on another process (its log says "
-                        f"why); stopping on every process. Fix that and rerun the same command to resume")
+    if _on_any_process(error is not None) and error is None:
+      raise UserError(f"saving a checkpoint to {self.directory} failed on another process (its log says "
+                      f"why); stopping on every process. Fix that and rerun the same command to resume")
     if error is not None:
       raise error
 
@@ -313,8 +318,7 @@ class Checkpointer:
     damaged = []
     for step in reversed(self.all_steps()):
       result, error = self.attempt_restore(restore_fn, step)
-      failed_anywhere = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
-      if not failed_anywhere:
+      if not _on_any_process(error is not None):
         return step, result
       reason = (f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error
                 else "failed on another process")

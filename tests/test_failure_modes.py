@@ -22,6 +22,7 @@ import optax
 import pytest
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import checkpoint as checkpoint_lib
 from diffusion_jax import inference, run_files, train, train_state
 from diffusion_jax.data import pipeline
 from diffusion_jax.checkpoint import Checkpointer
@@ -382,6 +383,21 @@ def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkp
     os.remove(filler)
     train.train_and_evaluate(config, workdir)  # Space freed: resumes from 15 and finishes.
     assert Checkpointer(workdir, read_only=True).latest_step() == 40
+
+
+def test_a_save_that_failed_on_another_process_stops_this_one_too(config, tmp_path, monkeypatch):
+  _, state, _ = one_device_run(config)
+  iterator = pipeline.create_train_iterator(config)
+  checkpointer = Checkpointer(str(tmp_path), max_to_keep=2)
+  checkpointer.save(1, state, iterator, config.to_dict())
+  checkpointer.wait()
+  checkpointer.check_for_errors()  # This process's save is fine, and so are the others'.
+  # The other process's flag, as the allgather would bring it: its save failed.
+  monkeypatch.setattr(checkpoint_lib, "_on_any_process", lambda flag: True)
+  with pytest.raises(UserError, match=r"saving a checkpoint to .*checkpoints failed on another process"):
+    checkpointer.check_for_errors()
+  assert checkpointer.all_steps() == [1]
+  checkpointer.close()
 
 
 def test_a_read_only_workdir_is_refused_before_any_work(trained, tmp_path):
