@@ -353,6 +353,7 @@ def _fill(directory, leave_bytes):
 def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkpoint(config, tmp_path,
                                                                                     monkeypatch):
   config.num_train_steps, config.log_every_steps = 40, 1
+  config.checkpoint_every_steps, config.sample_every_steps, config.eval_num_examples = 15, 1000, 16
   # How many steps run while a save is in flight depends on the machine; the test lets each save end
   # (without taking its error) before the next step, so "at once" means exactly the next step.
   save = Checkpointer.save
@@ -365,7 +366,6 @@ def test_disk_full_stops_the_run_at_once_with_one_line_and_keeps_the_last_checkp
       time.sleep(0.01)
 
   monkeypatch.setattr(Checkpointer, "save", save_and_let_it_end)
-  config.checkpoint_every_steps, config.sample_every_steps, config.eval_num_examples = 15, 1000, 16
   with _tmpfs(tmp_path / "small", 48) as mount:
     workdir = os.path.join(mount, "run")
     config.num_train_steps = 15
