@@ -87,6 +87,38 @@ def test_key_lengths_are_the_tokenizers_padding_mask():
   np.testing.assert_allclose(by_lengths, attention.dot_product(q, k, v, mask, "xla"), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("t, s, masked", [(16, 77, True), (77, 77, True), (15, 16, False), (16, 16, False)])
+def test_cudnn_call_passes_jaxs_flash_attention_check_and_equals_xla(monkeypatch, t, s, masked):
+  """jax's cuDNN path, when differentiated, requires even sequence lengths (it counts its empty bias as a
+  bias): on an H200 the U-Net's cross-attention to 77 tokens failed with "Unsupported sequence length Q
+  4096, KV 77". Here each cuDNN call goes through jax's own check (it runs on a CPU) and is then computed
+  by jax's XLA implementation with the same arguments: the padding and key lengths give the same outputs
+  and gradients as our XLA path (cross-attention, the text encoder's 77-token self-attention, odd queries)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_lib  # pylint: disable=g-import-not-at-top
+  check = lambda q, k, v: cudnn_lib.check_is_flash_attention(q, k, v, cudnn_lib.AttentionLayout.BTNH.value,
+                                                              91000, has_bias=True, is_training=True)
+  original, calls = jax.nn.dot_product_attention, []
+
+  def cudnn_stand_in(q, k, v, *, implementation, **kwargs):
+    assert implementation == "cudnn"
+    check(q, k, v)
+    calls.append((q.shape[1], k.shape[1], kwargs["key_value_seq_lengths"] is not None))
+    return original(q, k, v, implementation="xla", **kwargs)
+
+  q, k, v = _qkv(t=t, s=s)
+  if t % 2 or s % 2:  # The shapes as given fail the check: the error seen on the GPU.
+    with pytest.raises(NotImplementedError, match=f"Unsupported sequence length Q {t}, KV {s}"):
+      check(q, k, v)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in)
+  mask = jnp.arange(s)[None] < jnp.array([5, s])[:, None] if masked else None
+  loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product(q, k, v, mask, impl)))
+  np.testing.assert_allclose(attention.dot_product(q, k, v, mask, "cudnn"),
+                             attention.dot_product(q, k, v, mask, "xla"), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss("cudnn"), (0, 1, 2))(q, k, v), jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert calls[0] == (t + t % 2, s + s % 2, masked or s % 2 == 1)  # Even lengths; no lengths when not needed.
+
+
 def test_auto_never_picks_a_kernel_the_backend_lacks(monkeypatch):
   q16, q32 = jnp.zeros((1, 4, 2, 64), jnp.bfloat16), jnp.zeros((1, 4, 2, 64), jnp.float32)
   assert jax.default_backend() == "cpu"

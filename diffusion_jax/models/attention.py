@@ -6,7 +6,9 @@
   [B, H, T, S] score matrix is formed.
 - `cudnn`: cuDNN's fused flash attention (GPU; float16 / bfloat16, head width a multiple of 8 up to 128).
   It takes no broadcast [B, 1, 1, S] mask: the key mask is passed as per-example key lengths, which is the
-  same mask because the tokenizer pads at the end (the valid keys are a prefix).
+  same mask because the tokenizer pads at the end (the valid keys are a prefix). Odd sequence lengths
+  are padded to even ones (see `_cudnn`). On an H200 (B 16, 4,096 tokens, 5 heads of 64, bf16) its
+  forward + backward took 3.6 ms against the XLA path's 15.2 (benchmarks/attention_check.py).
 - `splash`: the Pallas TPU splash-attention kernel. Sequences are padded to its 128-token blocks, the key
   mask becomes segment ids (keys of id 0 are never attended), and under a mesh it runs per device in a
   shard_map over the batch (data, fsdp) and heads (tensor) axes. Off TPU it runs interpreted (tests only).
@@ -64,8 +66,7 @@ def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | 
   if kind == "xla":
     return _xla(q, k, v, key_mask)
   if kind == "cudnn":
-    lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    return _cudnn(q, k, v, key_mask)
   if kind == "splash":
     return _splash_sharded(q, k, v, key_mask)
   raise ValueError(f"unknown attention implementation {kind!r}")
@@ -88,12 +89,29 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -
   return heads_first(jnp.einsum("bhts,bhsd->bhtd", probs, heads_first(v)))
 
 
-def _pad_to_block(x: jax.Array, axis: int) -> jax.Array:
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  """cuDNN flash attention, the key mask given as key lengths. Odd sequence lengths are padded by one:
+  jax's cuDNN path (0.10, 0.11) passes an empty bias even when there is none and then, when
+  differentiated, requires even query and key lengths, so training failed on an H200 with "Unsupported
+  sequence length Q 4096, KV 77" (cross-attention to a 77-token prompt) and would have for the text
+  encoder's 77-token self-attention. A padded key is masked (it lies past every example's length), a
+  padded query's output row is cut off."""
+  t, s = q.shape[1], k.shape[1]
+  lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+  if s % 2:
+    k, v = _pad_to_multiple(k, 1, 2), _pad_to_multiple(v, 1, 2)
+    lengths = jnp.full((q.shape[0],), s, jnp.int32) if lengths is None else lengths
+  out = jax.nn.dot_product_attention(_pad_to_multiple(q, 1, 2), k, v, key_value_seq_lengths=lengths,
+                                     implementation="cudnn")
+  return out[:, :t]
+
+
+def _pad_to_multiple(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """`x` zero-padded at the end of `axis` to a multiple of `multiple` (itself if it is one)."""
   size = x.shape[axis]
-  padded = -(-size // _SPLASH_BLOCK) * _SPLASH_BLOCK
   widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, padded - size)
-  return jnp.pad(x, widths)
+  widths[axis] = (0, -size % multiple)
+  return jnp.pad(x, widths) if widths[axis][1] else x
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
@@ -106,8 +124,9 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None
     key_mask = jnp.ones((b, s), bool)
   # [b, h, T', D], the kernel's layout; the kernel does not scale q. Padded keys get segment id 0 and are
   # never attended (all queries have id 1); padded queries are cut off below.
-  q_, k_, v_ = (_pad_to_block(x, 1).transpose(0, 2, 1, 3) for x in (q * (1.0 / math.sqrt(d)), k, v))
-  kv_ids = _pad_to_block(key_mask.astype(jnp.int32), 1)
+  q_, k_, v_ = (_pad_to_multiple(x, 1, _SPLASH_BLOCK).transpose(0, 2, 1, 3)
+                for x in (q * (1.0 / math.sqrt(d)), k, v))
+  kv_ids = _pad_to_multiple(key_mask.astype(jnp.int32), 1, _SPLASH_BLOCK)
   q_ids = jnp.ones((b, q_.shape[2]), jnp.int32)
   mask = masks.MultiHeadMask([masks.FullMask((q_.shape[2], k_.shape[2]))] * h)
   kernel = kernels.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
