@@ -87,20 +87,50 @@ def state_shardings(model: DiffusionModel, tx: optax.GradientTransformation, mes
 # optimizations, for a program that runs for a fraction of a second. State creation at smoke, timed in one
 # process: per-array draws, optimized 26.6 s; per-array, O0 13.7 s; pooled, O0 8.6 s
 # (of which the compile 5.9 s; optimized, the pooled draws still take 17.1 s to compile). Values are a
-# deterministic function of the seed, equal on every mesh (the same per-element code runs on each shard);
-# they differ from an optimized build's in the last bits.
-_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}}
+# deterministic function of the seed, equal on every mesh (the same per-element code runs on each shard)
+# but for the last bit where XLA fuses an array's scaling differently (a replicated, indivisible kernel on
+# 8 devices: tests/test_parallel.py); they differ from an optimized build's in the last bits.
+_CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
-                       mesh, rules, replicate_indivisible: bool = False) -> tuple[TrainState, Any]:
-  """Initializes every leaf directly on its shards; returns (state, its shardings)."""
+                       mesh, rules, replicate_indivisible: bool = False,
+                       on_host: bool | None = None) -> tuple[TrainState, Any]:
+  """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings).
+
+  On a CPU mesh, or with several processes, every leaf is initialized directly on its shards. On an
+  accelerator in one process (`on_host` None: chosen so; True/False: forced) the same program runs on
+  the host's CPU and the state is copied to its shards: XLA:GPU compiled the initializer of the SD 2.1
+  layout in 221 s on an H200 host (about a thousand draw, scale and copy kernels, each through LLVM and
+  ptxas), where XLA:CPU without LLVM's optimizations compiles it in 7 s and runs it in 57 s on 2 cores
+  (the path is not yet timed on a GPU host, whose 16 cores share the run). The values are the CPU
+  program's, the same as a CPU run's. Several processes keep the on-device path: each would run the host
+  program on its own CPU, and equal bits across hosts are not guaranteed.
+  """
   shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
-  init = jax.jit(lambda r: nn.unbox(_init_state(r, model, tx)), out_shardings=shardings)
   platform = mesh.devices.flat[0].platform
-  options = {**compiler.options(platform), **_INIT_COMPILER_OPTIONS.get(platform, {})}
+  host_cpu = _host_cpu()
+  if on_host is None:
+    on_host = platform != "cpu" and jax.process_count() == 1 and host_cpu is not None
+  init_fn = lambda r: nn.unbox(_init_state(r, model, tx))
+  cpu_options = {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
+  if on_host:
+    host_rng = jax.device_put(rng, host_cpu)
+    # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
+    host_state = jax.jit(init_fn).lower(host_rng).compile(compiler_options=cpu_options)(host_rng)
+    return jax.device_put(host_state, shardings), shardings
+  options = cpu_options if platform == "cpu" else compiler.options(platform)
+  init = jax.jit(init_fn, out_shardings=shardings)
   with mesh_lib.activate(mesh, rules):
     return init.lower(rng).compile(compiler_options=options or None)(rng), shardings
+
+
+def _host_cpu() -> Any:
+  """This process's first CPU device; None where JAX runs without its CPU backend (JAX_PLATFORMS=cuda)."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return None
 
 
 def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,

@@ -68,6 +68,28 @@ def restore_on_other_meshes(config, state):
   return results
 
 
+def compare_host_init(config, shape):
+  """The state initialized on the host CPU and copied to its shards on `shape` (what one process on an
+  accelerator does) against the state initialized on those shards, and on one device."""
+  def create(shape, devices, on_host):
+    config.mesh.shape = shape
+    run = build.build(config, devices=devices)
+    return train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules,
+                                          config.mesh.replicate_indivisible, on_host=on_host)
+  from_host, shardings = create(shape, jax.devices(), True)
+  on_shards, _ = create(shape, jax.devices(), False)
+  on_one_device, _ = create((1, 1, 1), jax.devices()[:1], False)
+  host = [np.asarray(x) for x in jax.tree.leaves(from_host)]
+  return {"leaves": len(host),
+          "bit_identical_to_one_device": all(np.array_equal(a, np.asarray(b))
+                                             for a, b in zip(host, jax.tree.leaves(on_one_device))),
+          "max_abs_diff_to_on_shards": max(float(np.abs(a.astype(np.float64) - np.asarray(b, np.float64)).max())
+                                           for a, b in zip(host, jax.tree.leaves(on_shards))),
+          "same_shardings": all(a.sharding == s for a, s in zip(jax.tree.leaves(from_host),
+                                                                 jax.tree.leaves(shardings))),
+          "params_fraction_on_device0": device0_fraction(from_host.params)}
+
+
 def device0_fraction(tree):
   """Bytes of `tree` stored on device 0 / total logical bytes."""
   leaves = jax.tree.leaves(tree)
@@ -105,6 +127,7 @@ def main():
       "max_abs_param_diff": max(float(np.abs(a - b).max())
                                 for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), base))}
   config.gradient_accumulation_steps = 1
+  report["host_init_(1,8,1)"] = compare_host_init(config, (1, 8, 1))
   # Clear errors: an indivisible parameter dimension (strict mode) and an indivisible batch.
   config.mesh.shape, config.mesh.replicate_indivisible = (1, 8, 1), False
   report["errors"] = {}
