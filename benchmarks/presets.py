@@ -103,7 +103,7 @@ def stand_in_dataset(image_shape: tuple[int, int, int]) -> str:
   return name
 
 
-def our_config(preset: Preset, dtype: str | None = None) -> ml_collections.ConfigDict:
+def our_config(preset: Preset, dtype: str | None = None, attention: str = "auto") -> ml_collections.ConfigDict:
   """configs/sd21_unet.py (its diffusion, optimizer and sampling recipe) with the preset's U-Net, in
   pixel space on S×S×4 inputs, and a one-layer text encoder of the context's width and length (our
   model trains its conditioner jointly; the peer's is frozen and precomputed, so ours pays for it)."""
@@ -113,7 +113,7 @@ def our_config(preset: Preset, dtype: str | None = None) -> ml_collections.Confi
   config.dataset.image_size, config.dataset.channels = preset.image_size, LATENT_CHANNELS
   config.model.autoencoder = "pixels"  # The inputs stand for latents; neither side runs a VAE.
   config.model.dtype = dtype or preset.dtype
-  config.model.attention = "auto"
+  config.model.attention = attention
   config.model.remat_policy = "none"
   config.text.max_length = preset.context_length
   te = config.model.text_encoder

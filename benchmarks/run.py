@@ -2,22 +2,29 @@
 
   python -m benchmarks.run [--suite=train,sampler,startup,memory,input,profile | all] [--config=small,medium]
                            [--out=results.json] [--steps=5] [--blocks=3] [--sampler_steps=50] [--dtype=bfloat16]
-                           [--trace_dir=DIR]
+                           [--attention=auto|xla|cudnn|splash] [--trace_dir=DIR]
+
+Suites run in the order given; one that fails is recorded (`error` in its entry) and the others still
+run (the exit status is then 1). With --out the JSON is rewritten after every suite, so a run stopped
+early (a lease's time limit: benchmarks/accelerator_run.sh) keeps what finished.
 
 Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
 - train: our production train step (build.build → run.create_state → train_step.make_train_step, text
   encoder and EMA included) vs diffusers' train_text_to_image_flax.py step on precomputed latents and
   context: images/s, ratio_vs_peer (ours / peer), compile s, both U-Nets' parameter counts and forward
-  FLOPs (lowered programs' totals, and their convolution and matmul FLOPs, which must agree: same
-  architecture), whole-step GFLOP, achieved GFLOP/s and its fraction of a matmul peak measured in this
-  run in the compute dtype, compiled peak memory. The peer is compiled as diffusers compiles it (plain
+  FLOPs (the traced programs' convolution and matmul FLOPs, which must agree: same architecture; and
+  XLA's totals of the lowered programs where the backend has them), model GFLOP per step (3 × the
+  forward's convolution and matmul FLOPs) and the achieved model GFLOP/s and its fraction of a matmul
+  peak measured in this run in the compute dtype (the same work for both sides, whatever kernels each
+  uses), XLA's count of each compiled step, compiled peak memory. The peer is compiled as diffusers compiles it (plain
   jax.jit); where our programs get XLA options (diffusion_jax/compiler.py: on a CPU), the peer compiled
   with the same options is timed in the same blocks as well: ratio_vs_peer_our_options.
 - sampler: our scan sampler (generation.make_sample_fn, DDIM, guidance 7.5) vs the fori_loop of
   FlaxStableDiffusionPipeline._generate, 4 prompts: s/call, s/image, compile s, ratio_vs_peer (and
   ratio_vs_peer_our_options, as for train).
-- startup: creating our sharded train state, compiling our step, and both again in a fresh process
-  with JAX's persistent compilation cache cold and then warm.
+- startup: creating our sharded train state and compiling our step in a fresh process with JAX's
+  persistent compilation cache cold and then warm (and the train suite's in-process times, if it ran
+  before in this process; the step is not compiled here only for them).
 - memory: our step's compiled peak memory (arguments + outputs + temporaries − donated aliases) and
   step time for remat policies none / full / dots.
 - input: the input pipeline's examples/s (digits, at the preset's batch size) over the images/s our
@@ -46,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -61,6 +69,7 @@ from benchmarks import profile as profile_lib
 from diffusion_jax import build, compiler, generation, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.config import COMPUTE_DTYPES
+from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
 
@@ -76,10 +85,12 @@ def _log(message: str) -> None:
   print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def _cost_flops(executable) -> float:
-  cost = executable.cost_analysis()
+def _cost_flops(stage) -> float | None:
+  """XLA's FLOP count of a Lowered or Compiled program; None where the backend has none (a GPU's PJRT
+  plugin analyses compiled programs only)."""
+  cost = stage.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost["flops"])
+  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def _peak_mib(compiled) -> float | None:
@@ -163,14 +174,15 @@ class CompiledStep:
 class Bench:
   """One preset's pieces, built on first use and shared by the suites."""
 
-  def __init__(self, preset: presets.Preset, dtype: str | None):
-    self.preset, self.dtype = preset, dtype or preset.dtype
-    self.config = presets.our_config(preset, self.dtype)
+  def __init__(self, preset: presets.Preset, dtype: str | None, attention: str = "auto"):
+    self.preset, self.dtype, self.attention = preset, dtype or preset.dtype, attention
+    self.config = presets.our_config(preset, self.dtype, attention)
     self.run = build.build(self.config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
     self.trained_params = None
     self._peer_unet = None
     self._peer_params = None
     self._steps: dict[str, CompiledStep] = {}
+    self._xla_attention_model = None
 
   # Ours.
   def batch(self) -> dict[str, jax.Array]:
@@ -202,10 +214,19 @@ class Bench:
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), *model.dummy_inputs())["params"]))
     return params["unet"]
 
-  def our_forward(self, unet_params, x, t, context):
+  def our_forward(self, unet_params, x, t, context, model=None):
     """Our U-Net alone: x [B, S, S, 4], t [B], context [B, L, D] (no key mask, as the peer) → [B, S, S, 4]."""
-    return self.run.model.apply({"params": {"unet": unet_params}}, x, t, {"context": context},
-                                method=DiffusionModel.denoise)
+    return (model or self.run.model).apply({"params": {"unet": unet_params}}, x, t, {"context": context},
+                                           method=DiffusionModel.denoise)
+
+  def our_forward_xla_attention(self, unet_params, x, t, context):
+    """`our_forward` with attention='xla', for counting FLOPs: a fused kernel (cuDNN, splash) is one
+    custom call whose matmuls neither the traced program nor XLA's cost analysis sees."""
+    if self._xla_attention_model is None:
+      config = self.config.copy_and_resolve_references()
+      config.model.attention = "xla"
+      self._xla_attention_model = build.create_model(config)
+    return self.our_forward(unet_params, x, t, context, self._xla_attention_model)
 
   def our_params(self) -> Any:
     """Our model's parameters: the train suite's latest, else freshly initialized."""
@@ -215,11 +236,11 @@ class Bench:
           jax.random.PRNGKey(0))
     return self.trained_params
 
-  def our_train_step(self) -> "CompiledStep":
+  def our_train_step(self, build: bool = True) -> "CompiledStep | None":
     """Our production train step on a fresh state, compiled (once per preset: the suites share it); info:
-    create_state_s, compile_s, step_gflop, peak_mib."""
-    if "ours" in self._steps:
-      return self._steps["ours"]
+    create_state_s, compile_s, step_gflop, peak_mib. With build=False: None unless already built."""
+    if "ours" in self._steps or not build:
+      return self._steps.get("ours")
     p = self.preset
     _log(f"[{p.name}] train: creating our train state")
     (state, _), create_s = _timed(lambda: self.run.create_state(jax.random.PRNGKey(0)))
@@ -233,7 +254,7 @@ class Bench:
       return metrics
 
     self._steps["ours"] = CompiledStep(compiled, run_once, lambda: holder["state"], {
-        "create_state_s": create_s, "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9,
+        "create_state_s": create_s, "compile_s": compile_s, "step_gflop": _gflop(_cost_flops(compiled)),
         "peak_mib": _peak_mib(compiled)})
     return self._steps["ours"]
 
@@ -276,7 +297,7 @@ class Bench:
       return loss
 
     self._steps[key] = CompiledStep(compiled, run_once, lambda: holder["state"], {
-        "compile_s": compile_s, "step_gflop": _cost_flops(compiled) / 1e9, "peak_mib": _peak_mib(compiled)})
+        "compile_s": compile_s, "step_gflop": _gflop(_cost_flops(compiled)), "peak_mib": _peak_mib(compiled)})
     return self._steps[key]
 
   def peer_forward(self, params, x_nchw, t, context):
@@ -296,24 +317,31 @@ def _runs_here(preset: presets.Preset) -> bool:
 
 
 def bench_architecture(bench: Bench, with_peer: bool) -> dict:
-  """Parameter counts and lowered forward FLOPs of both U-Nets (abstract: nothing is allocated)."""
+  """Parameter counts and forward FLOPs of both U-Nets (abstract: nothing is allocated). The convolution
+  and matmul FLOPs are counted in the traced programs (any backend; ours with XLA attention, as the
+  peer's); XLA's totals of the lowered programs where the backend analyses them (not a GPU's plugin).
+  model_gflop, 3 × the forward's convolution and matmul FLOPs (forward + backward), is the work the
+  fraction of the matmul peak is computed from, the same for both sides."""
   x, x_nchw, t, context = bench.forward_inputs()
   ours_params = bench.our_unet_abstract()
+  forward = bench.our_forward_xla_attention
   out = {"unet_params": train_state.param_count(ours_params),
-         "forward_gflop": jax.jit(bench.our_forward).lower(ours_params, x, t, context).cost_analysis()["flops"] / 1e9,
-         "forward_matmul_flops": matmul_flops(bench.our_forward, ours_params, x, t, context)}
+         "forward_gflop": _gflop(_cost_flops(jax.jit(forward).lower(ours_params, x, t, context))),
+         "forward_matmul_flops": matmul_flops(forward, ours_params, x, t, context)}
+  out["model_gflop"] = 3 * out["forward_matmul_flops"] / 1e9
   if with_peer:
     peer_params = jax.eval_shape(bench.peer_unet().init_weights, jax.random.PRNGKey(0))
     out["peer_unet_params"] = train_state.param_count(peer_params)
-    out["peer_forward_gflop"] = (jax.jit(bench.peer_forward).lower(peer_params, x_nchw, t, context)
-                                 .cost_analysis()["flops"] / 1e9)
+    out["peer_forward_gflop"] = _gflop(_cost_flops(jax.jit(bench.peer_forward).lower(peer_params, x_nchw, t,
+                                                                                       context)))
     out["peer_forward_matmul_flops"] = matmul_flops(bench.peer_forward, peer_params, x_nchw, t, context)
     out["unet_params_equal"] = out["unet_params"] == out["peer_unet_params"]
     # The lowered totals differ by ~100 FLOPs per 10^8 of index and constant arithmetic that is not the
     # network's (the timestep embedding's frequency table, nearest-neighbour upsampling's source indices);
     # the convolutions and matmuls are the architecture and must agree exactly.
     out["forward_flops_equal"] = out["forward_matmul_flops"] == out["peer_forward_matmul_flops"]
-    out["forward_flops_diff"] = round((out["forward_gflop"] - out["peer_forward_gflop"]) * 1e9)
+    if out["forward_gflop"] is not None and out["peer_forward_gflop"] is not None:
+      out["forward_flops_diff"] = round((out["forward_gflop"] - out["peer_forward_gflop"]) * 1e9)
   return out
 
 
@@ -345,7 +373,7 @@ def bench_train(bench: Bench, steps: int, blocks: int, peak: float, with_peer: b
     out[f"{prefix}step_s_per_block"] = seconds[side]
     step_s = out[f"{prefix}step_s"] = statistics.median(seconds[side])
     out[f"{prefix}images_per_s"] = p.batch_size / step_s
-    achieved = out[f"{prefix}step_gflop"] * 1e9 / step_s
+    achieved = out["model_gflop"] * 1e9 / step_s
     out[f"{prefix}achieved_gflop_s"] = achieved / 1e9
     out[f"{prefix}fraction_of_matmul_peak"] = achieved / peak
   if with_peer:
@@ -430,14 +458,14 @@ _CHILD = """
 import json, sys, time
 start = time.perf_counter()
 from benchmarks import run
-print(json.dumps(run.compile_in_this_process({name!r}, {dtype!r}, start)))
+print(json.dumps(run.compile_in_this_process({name!r}, {dtype!r}, {attention!r}, start)))
 """
 
 
-def compile_in_this_process(name: str, dtype: str, process_start: float) -> dict:
+def compile_in_this_process(name: str, dtype: str, attention: str, process_start: float) -> dict:
   """Builds the preset's run, creates its sharded train state and compiles its train step (from the
   abstract state, as a resumed job does); the child process of the startup suite."""
-  bench = Bench(presets.get(name), dtype)
+  bench = Bench(presets.get(name), dtype, attention)
   state, create_state_s = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0))[0])
   del state
   _, compile_s = bench.compile_step(bench.run, bench.run.abstract_state(), bench.abstract_batch())
@@ -451,16 +479,18 @@ def bench_startup(bench: Bench) -> dict:
   if not _runs_here(p):
     out["note"] = f"{p.name} runs on an accelerator only: no startup timings on CPU"
     return out
-  info = bench.our_train_step().info  # In this process; measured once per preset (the train suite's too).
-  out["create_state_s"], out["compile_s"] = info["create_state_s"], info["compile_s"]
+  built = bench.our_train_step(build=False)  # The train suite's, in this process: not built again for this.
+  if built is not None:
+    out["create_state_s"], out["compile_s"] = built.info["create_state_s"], built.info["compile_s"]
   with tempfile.TemporaryDirectory() as cache_dir:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
                JAX_ENABLE_COMPILATION_CACHE="true")
     for which in ("cold", "warm"):
       _log(f"[{p.name}] startup: compiling in a fresh process, persistent cache {which}")
-      result = subprocess.run([sys.executable, "-c", _CHILD.format(name=p.name, dtype=bench.dtype)], env=env,
-                              cwd=_REPO_ROOT, capture_output=True, text=True, check=False)
+      child_code = _CHILD.format(name=p.name, dtype=bench.dtype, attention=bench.attention)
+      result = subprocess.run([sys.executable, "-c", child_code], env=env, cwd=_REPO_ROOT, capture_output=True,
+                              text=True, check=False)
       if result.returncode:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         out[f"{which}_cache_error"] = tail
@@ -480,7 +510,7 @@ def bench_memory(bench: Bench, steps: int, blocks: int) -> dict:
     return out
   for policy in REMAT_POLICIES:
     _log(f"[{p.name}] memory: remat {policy}")
-    config = presets.our_config(p, bench.dtype)
+    config = presets.our_config(p, bench.dtype, bench.attention)
     config.model.remat_policy = policy
     run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
     row = {}
@@ -553,10 +583,11 @@ def default_presets() -> list[str]:
 
 
 def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, blocks: int = 3,
-                   sampler_steps: int = 50, dtype: str | None = None, data_dir: str = "",
-                   out: str = "", trace_dir: str = "") -> dict:
-  """Runs `suites` for each preset in `names`; returns the results (written to `out` as JSON if given).
-  The profile suite's traces go to `trace_dir` (default: beside `out`, or ./benchmark_traces)."""
+                   sampler_steps: int = 50, dtype: str | None = None, attention: str = "auto",
+                   data_dir: str = "", out: str = "", trace_dir: str = "") -> dict:
+  """Runs `suites` for each preset in `names`; returns the results. With `out`, they are written there
+  as JSON after each suite, so that a run cut short (a lease's time limit) keeps what finished. The
+  profile suite's traces go to `trace_dir` (default: beside `out`, or ./benchmark_traces)."""
   why_no_peer = peer_lib.available() if {"train", "sampler", "profile"} & set(suites) else "not needed"
   trace_dir = trace_dir or (os.path.splitext(out)[0] + "_traces" if out else "benchmark_traces")
   with_peer = why_no_peer is None
@@ -566,7 +597,7 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
   results: dict[str, Any] = {
       "device": str(device), "device_kind": device.device_kind, "backend": jax.default_backend(),
       "cpu": host.cpu_model(), "jax": jax.__version__, "suites": suites, "steps_per_block": steps,
-      "blocks": blocks, "configs": {}}
+      "blocks": blocks, "attention": attention, "configs": {}}
   cpu_times_at_start = host.cpu_times()
   if with_peer:
     import diffusers  # pylint: disable=g-import-not-at-top  (imported by peer_lib already, with USE_TORCH=0)
@@ -578,34 +609,48 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
       preset = presets.get(name)
       _log(f"[{name}] building ({preset.image_size}×{preset.image_size}×4, batch {preset.batch_size}, "
            f"{dtype or preset.dtype})")
-      bench = Bench(preset, dtype)
+      bench = Bench(preset, dtype, attention)
       entry: dict[str, Any] = {"dtype": bench.dtype, "batch_size": preset.batch_size,
                                "input_shape": list(preset.input_shape),
                                "context": [preset.context_length, preset.context_width]}
-      if "train" in suites:
-        peaks = results.setdefault("matmul_peak_gflop_s", {})
-        if bench.dtype not in peaks:
-          _log(f"measuring the {bench.dtype} matmul peak")
-          peaks[bench.dtype] = matmul_peak_flops(bench.dtype) / 1e9
-        entry["train"] = bench_train(bench, steps, blocks, peaks[bench.dtype] * 1e9, with_peer)
-      if "sampler" in suites:
-        entry["sampler"] = bench_sampler(bench, sampler_steps, blocks, with_peer)
-      if "startup" in suites:
-        entry["startup"] = bench_startup(bench)
-      if "memory" in suites:
-        entry["memory"] = bench_memory(bench, steps, blocks)
-      if "input" in suites:
-        entry["input"] = bench_input(bench, entry.get("train"), steps, blocks, data_dir)
-      if "profile" in suites:
-        entry["profile"] = bench_profile(bench, steps, trace_dir, with_peer)
       results["configs"][name] = entry
+      suite_runners = {
+          "train": lambda: bench_train(bench, steps, blocks, _matmul_peak(results, bench.dtype), with_peer),
+          "sampler": lambda: bench_sampler(bench, sampler_steps, blocks, with_peer),
+          "startup": lambda: bench_startup(bench),
+          "memory": lambda: bench_memory(bench, steps, blocks),
+          "input": lambda: bench_input(bench, entry.get("train"), steps, blocks, data_dir),
+          "profile": lambda: bench_profile(bench, steps, trace_dir, with_peer)}
+      for suite in suites:
+        try:
+          entry[suite] = suite_runners[suite]()
+        except Exception as e:  # pylint: disable=broad-except  (recorded; the other suites still run)
+          _log(f"[{name}] {suite} failed:\n{traceback.format_exc()}")
+          entry[suite] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        if out:
+          _write_json(out, results)
   # Time the hypervisor gave other guests while the suite ran: high values mean absolute numbers (not
   # the side-by-side ratios) are slowed by a shared machine.
   results["cpu_steal_fraction"] = host.steal_fraction(cpu_times_at_start, host.cpu_times())
   if out:
-    with open(out, "w", encoding="utf-8") as f:
-      json.dump(_rounded(results), f, indent=2)
+    _write_json(out, results)
   return results
+
+
+def _matmul_peak(results: dict, dtype: str) -> float:
+  """The matmul peak in `dtype` (FLOP/s), measured once per run and recorded in `results`."""
+  peaks = results.setdefault("matmul_peak_gflop_s", {})
+  if dtype not in peaks:
+    _log(f"measuring the {dtype} matmul peak")
+    peaks[dtype] = matmul_peak_flops(dtype) / 1e9
+  return peaks[dtype] * 1e9
+
+
+def _write_json(path: str, results: dict) -> None:
+  """Writes `results` to `path` through a temporary file, so the file is always whole."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(_rounded(results), f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def _rounded(tree: Any) -> Any:
@@ -658,7 +703,10 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
           _ratio(train.get("forward_gflop"), train.get("peer_forward_gflop")))
       row("train", "U-Net forward conv+matmul GFLOP", _gflop(train.get("forward_matmul_flops")),
           _gflop(train.get("peer_forward_matmul_flops")), train.get("forward_flops_equal"))
-      row("train", "step GFLOP", train.get("step_gflop"), train.get("peer_step_gflop"))
+      row("train", "model GFLOP per step (3 × forward conv+matmul)", train.get("model_gflop"),
+          train.get("model_gflop"))
+      row("train", "step GFLOP (XLA's count of the compiled step)", train.get("step_gflop"),
+          train.get("peer_step_gflop"))
       row("train", "achieved GFLOP/s", train.get("achieved_gflop_s"), train.get("peer_achieved_gflop_s"))
       row("train", "fraction of matmul peak", train.get("fraction_of_matmul_peak"),
           train.get("peer_fraction_of_matmul_peak"))
@@ -672,8 +720,8 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
       row("sampler", "s/image", sampler.get("s_per_image"), sampler.get("peer_s_per_image"))
       row("sampler", "compile s", sampler.get("compile_s"), sampler.get("peer_compile_s"))
     startup = entry.get("startup")
-    if startup and "create_state_s" in startup:
-      row("startup", "create_state s", startup["create_state_s"])
+    if startup and ("create_state_s" in startup or "cold_cache_compile_s" in startup):
+      row("startup", "create_state s", startup.get("create_state_s"))
       row("startup", "compile s (in process)", startup.get("compile_s"))
       row("startup", "create_state s, cache cold", startup.get("cold_cache_create_state_s"))
       row("startup", "create_state s, cache warm", startup.get("warm_cache_create_state_s"))
@@ -702,9 +750,10 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
           ours_ms, peer_ms = (ours_c or {}).get("ms"), (peer_c or {}).get("ms")
           row("profile", f"{category} ms/step", ours_ms, peer_ms, _ratio(ours_ms, peer_ms))
     for suite in SUITES:
-      note = (entry.get(suite) or {}).get("note")
-      if note:
-        rows.append((name, suite, note, "", "", ""))
+      for key in ("note", "error"):
+        text = (entry.get(suite) or {}).get(key)
+        if text:
+          rows.append((name, suite, f"{key}: {text}" if key == "error" else text, "", "", ""))
   return rows
 
 
@@ -739,7 +788,9 @@ def _define_flags() -> None:
       return True
     return check
 
-  flags.DEFINE_list("suite", ["all"], f"Suites to run: {', '.join(SUITES)} or all.")
+  flags.DEFINE_list("suite", ["all"], f"Suites to run, in this order: {', '.join(SUITES)} or all.")
+  flags.DEFINE_enum("attention", "auto", list(attention_lib.IMPLEMENTATIONS),
+                    "Our U-Net's and text encoder's attention kernel (config.model.attention).")
   flags.DEFINE_list("config", None, f"Presets: {', '.join(presets.PRESETS)} (default: small,medium on CPU, "
                     "small,medium,sd21 on an accelerator).")
   flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -759,13 +810,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; give options as --name=value")
   f = flags.FLAGS
-  suites = list(SUITES) if "all" in f.suite else [s for s in SUITES if s in f.suite]
+  suites = list(SUITES) if "all" in f.suite else list(dict.fromkeys(f.suite))  # In the order given.
   names = f.config or default_presets()
   results = run_benchmarks(names, suites, steps=f.steps, blocks=f.blocks, sampler_steps=f.sampler_steps,
-                           dtype=f.dtype, data_dir=f.data_dir, out=f.out, trace_dir=f.trace_dir)
+                           dtype=f.dtype, attention=f.attention, data_dir=f.data_dir, out=f.out,
+                           trace_dir=f.trace_dir)
   print(format_table(results))
   if f.out:
     print(f"results: {f.out}")
+  failed = [f"{name} {suite}" for name, entry in results["configs"].items() for suite in suites
+            if "error" in entry.get(suite, {})]
+  if failed:
+    raise SystemExit(f"failed: {', '.join(failed)} (the errors are in the log above and in the results)")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,26 @@ def test_tiny_unets_are_the_same_network():
                              atol=1e-4, rtol=0)
 
 
+@needs_peer
+def test_architecture_flops_without_lowered_cost_analysis_and_with_a_fused_attention_kernel(monkeypatch):
+  """As on an H200 (jax 0.11.2), where the GPU plugin has no cost analysis of lowered programs (it
+  returned None and the train suite failed) and `auto` picks cuDNN attention, one custom call whose
+  matmuls a FLOP count would miss: the counts come from the traced programs, ours with XLA attention
+  (splash stands in for the fused kernel on a CPU)."""
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  preset = presets.get("tiny")
+  bench = bench_run.Bench(preset, "float32", attention="splash")  # A Pallas kernel: one custom call.
+  arch = bench_run.bench_architecture(bench, with_peer=True)
+  assert arch["forward_gflop"] is None and arch["peer_forward_gflop"] is None
+  assert arch["forward_matmul_flops"] == arch["peer_forward_matmul_flops"] > 0 and arch["forward_flops_equal"]
+  assert arch["model_gflop"] == 3 * arch["forward_matmul_flops"] / 1e9
+  x, _, t, context = bench.forward_inputs()
+  hidden = bench_run.matmul_flops(bench.our_forward, bench.our_unet_abstract(), x, t, context)
+  # Through the kernel the count is not the architecture's: splash's body multiplies 128-token blocks of
+  # padding; a cuDNN custom call would hide its matmuls.
+  assert hidden != arch["forward_matmul_flops"]
+
+
 def test_presets_derive_both_sides_from_one_layout():
   preset = presets.get("sd21")
   config = presets.our_config(preset)

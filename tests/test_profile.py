@@ -55,3 +55,23 @@ def test_trace_breakdown_finds_the_matmul_dominant(tmp_path):
   assert "ENTRY" in (tmp_path / "trace" / "module.hlo.txt").read_text()
   text = profile.format_breakdown("program", out)
   assert "matmul" in text.splitlines()[1]  # The costliest category first.
+
+
+def test_device_events_that_name_no_instruction_are_counted_apart():
+  """A GPU trace's kernels are tagged with their HLO op; a device event that names none (a library
+  kernel, a copy) is summed apart instead of silently dropped, host events are not counted at all."""
+  compiled, _ = _program()
+  ops = profile.HloOps(compiled.as_text())
+  matmul = next(n for n in ops._lines if (ops.lookup(n) or ("",))[0] == "matmul")  # pylint: disable=protected-access
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "name": "sm90_gemm_kernel", "dur": 4000.0, "args": {"hlo_op": matmul}},
+      {"ph": "X", "pid": 1, "name": "cutlass_kernel_without_tag", "dur": 3000.0},
+      {"ph": "X", "pid": 1, "name": "MemcpyD2D", "dur": 1000.0},
+      {"ph": "X", "pid": 2, "name": "PjitFunction(step)", "dur": 9000.0},
+  ]
+  out = profile.break_down(events, ops, calls=2, wall_s=0.01)
+  assert out["categories"]["matmul"]["ms"] == 2.0 and out["op_ms_per_call"] == 2.0
+  assert out["unattributed_device_ms_per_call"] == 2.0  # (3 + 1) ms over 2 calls; the host event is not counted.
+  assert out["top_unattributed"][0] == {"event": "cutlass_kernel_without_tag", "ms": 1.5}
