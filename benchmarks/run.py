@@ -749,6 +749,9 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         if ours_c or peer_c:
           ours_ms, peer_ms = (ours_c or {}).get("ms"), (peer_c or {}).get("ms")
           row("profile", f"{category} ms/step", ours_ms, peer_ms, _ratio(ours_ms, peer_ms))
+      ours_u, peer_u = ours_p.get("unattributed_device_ms_per_call"), peer_p.get("unattributed_device_ms_per_call")
+      if ours_u or peer_u:
+        row("profile", "device ms/step naming no HLO op", ours_u, peer_u, _ratio(ours_u, peer_u))
     for suite in SUITES:
       for key in ("note", "error"):
         text = (entry.get(suite) or {}).get(key)
