@@ -584,11 +584,13 @@ def default_presets() -> list[str]:
 
 def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, blocks: int = 3,
                    sampler_steps: int = 50, dtype: str | None = None, attention: str = "auto",
-                   data_dir: str = "", out: str = "", trace_dir: str = "") -> dict:
+                   data_dir: str = "", out: str = "", trace_dir: str = "", peer: bool = True) -> dict:
   """Runs `suites` for each preset in `names`; returns the results. With `out`, they are written there
   as JSON after each suite, so that a run cut short (a lease's time limit) keeps what finished. The
   profile suite's traces go to `trace_dir` (default: beside `out`, or ./benchmark_traces)."""
   why_no_peer = peer_lib.available() if {"train", "sampler", "profile"} & set(suites) else "not needed"
+  if not peer and why_no_peer is None:
+    why_no_peer = "--nopeer"
   trace_dir = trace_dir or (os.path.splitext(out)[0] + "_traces" if out else "benchmark_traces")
   with_peer = why_no_peer is None
   if not with_peer and why_no_peer != "not needed":
@@ -704,7 +706,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
       row("train", "U-Net forward conv+matmul GFLOP", _gflop(train.get("forward_matmul_flops")),
           _gflop(train.get("peer_forward_matmul_flops")), train.get("forward_flops_equal"))
       row("train", "model GFLOP per step (3 × forward conv+matmul)", train.get("model_gflop"),
-          train.get("model_gflop"))
+          train.get("model_gflop") if "peer_unet_params" in train else None)
       row("train", "step GFLOP (XLA's count of the compiled step)", train.get("step_gflop"),
           train.get("peer_step_gflop"))
       row("train", "achieved GFLOP/s", train.get("achieved_gflop_s"), train.get("peer_achieved_gflop_s"))
@@ -797,6 +799,7 @@ def _define_flags() -> None:
   flags.DEFINE_list("config", None, f"Presets: {', '.join(presets.PRESETS)} (default: small,medium on CPU, "
                     "small,medium,sd21 on an accelerator).")
   flags.DEFINE_string("out", "", "Write the results as JSON here.")
+  flags.DEFINE_bool("peer", True, "Also build and time the peer (--nopeer: ours only, e.g. to compare XLA flags).")
   flags.DEFINE_integer("steps", 5, "Timed steps per block (train, memory).", lower_bound=1)
   flags.DEFINE_integer("blocks", 3, "Timed blocks per side; the median block is reported.", lower_bound=1)
   flags.DEFINE_integer("sampler_steps", 50, "DDIM steps of the sampler suite.", lower_bound=1, upper_bound=1000)
@@ -817,7 +820,7 @@ def main(argv):
   names = f.config or default_presets()
   results = run_benchmarks(names, suites, steps=f.steps, blocks=f.blocks, sampler_steps=f.sampler_steps,
                            dtype=f.dtype, attention=f.attention, data_dir=f.data_dir, out=f.out,
-                           trace_dir=f.trace_dir)
+                           trace_dir=f.trace_dir, peer=f.peer)
   print(format_table(results))
   if f.out:
     print(f"results: {f.out}")
