@@ -78,9 +78,9 @@ def init_peer_params(unet, seed: int = 0) -> Any:
   def draw(path, s):
     name = str(getattr(path[-1], "key", path[-1]))
     if name == "kernel":  # [..., fan_in, fan_out]: Dense [in, out], Conv [kh, kw, in, out].
-      values = rng.standard_normal(s.shape)
+      values = rng.standard_normal(s.shape, np.float32)  # float32 draws: half the time of float64's (865M at sd21).
       while np.any(outside := np.abs(values) > 2):
-        values[outside] = rng.standard_normal(int(outside.sum()))
+        values[outside] = rng.standard_normal(int(outside.sum()), np.float32)
       stddev = np.sqrt(1.0 / np.prod(s.shape[:-1])) / 0.87962566103423978  # Flax's truncation correction.
       return jnp.asarray(values * stddev, jnp.float32)
     if name in ("scale", "bias"):
