@@ -66,7 +66,7 @@ from benchmarks import host
 from benchmarks import peer as peer_lib
 from benchmarks import presets
 from benchmarks import profile as profile_lib
-from diffusion_jax import build, compiler, generation, train_state
+from diffusion_jax import build, compiler, generation, paths, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.config import COMPUTE_DTYPES
 from diffusion_jax.models import attention as attention_lib
@@ -649,10 +649,8 @@ def _matmul_peak(results: dict, dtype: str) -> float:
 
 
 def _write_json(path: str, results: dict) -> None:
-  """Writes `results` to `path` through a temporary file, so the file is always whole."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(_rounded(results), f, indent=2)
-  os.replace(path + ".tmp", path)
+  """Writes `results` to `path` atomically, so the file is always whole."""
+  paths.write_text_atomic(path, json.dumps(_rounded(results), indent=2))
 
 
 def _rounded(tree: Any) -> Any:
