@@ -1,8 +1,9 @@
 """Benchmarks against the peer (diffusers' Flax Stable Diffusion U-Net), on the same U-Net layout.
 
-  python -m benchmarks.run [--suite=train,sampler,startup,memory,input,profile | all] [--config=small,medium]
-                           [--out=results.json] [--steps=5] [--blocks=3] [--sampler_steps=50] [--dtype=bfloat16]
-                           [--attention=auto|xla|cudnn|splash] [--trace_dir=DIR]
+  python -m benchmarks.run [--suite=train,sampler,startup,memory,input,profile,compiler_options | all]
+                           [--config=small,medium] [--out=results.json] [--steps=5] [--blocks=3]
+                           [--sampler_steps=50] [--dtype=bfloat16] [--attention=auto|xla|cudnn|splash]
+                           [--trace_dir=DIR] [--compilation_cache_dir=DIR] [--compiler_option_set=NAME:OPT=VAL,...]
 
 Suites run in the order given; one that fails is recorded (`error` in its entry) and the others still
 run (the exit status is then 1). With --out the JSON is rewritten after every suite, so a run stopped
@@ -24,7 +25,8 @@ Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
   ratio_vs_peer_our_options, as for train).
 - startup: creating our sharded train state and compiling our step in a fresh process with JAX's
   persistent compilation cache cold and then warm (and the train suite's in-process times, if it ran
-  before in this process; the step is not compiled here only for them).
+  before in this process; the step is not compiled here only for them). With --compilation_cache_dir
+  and the step compiled before in this process, that compile is the cold one and only the warm process runs.
 - memory: our step's compiled peak memory (arguments + outputs + temporaries − donated aliases) and
   step time for remat policies none / full / dots.
 - input: the input pipeline's examples/s (digits, at the preset's batch size) over the images/s our
@@ -33,19 +35,25 @@ Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
   where the time goes: ms per step and share of the op time by category (convolution, matmul, attention
   kernel, reduction, transpose/copy, select, elementwise, collective) and the costliest ops
   (benchmarks/profile.py); the results hold the trace directory.
+- compiler_options: our step's lowered program compiled again with other XLA options
+  (--compiler_option_set; on a GPU by default autotuning levels 0 and 1 and no Triton GEMMs), each timed
+  side by side with the default compile: XLA compile s and step s, and their ratios to the default's.
+  How an option is chosen for compiler.options().
 
 Timings are taken side by side: blocks of `steps` calls alternate between ours and the peer and the
 median block is reported (the JSON has every block), so a noisy shared machine slows both alike. In this
 process JAX's persistent compilation cache is off, so compile times are cold (the startup suite measures
-the cache separately). Neither side runs a VAE or a frozen CLIP: inputs are S×S×4 latents. The results
-name the CPU model and the share of the run's CPU time the hypervisor gave other guests (`cpu`,
-`cpu_steal_fraction`: benchmarks/host.py), by which absolute numbers from a shared machine can be judged.
+the cache separately), unless --compilation_cache_dir turns it on. Neither side runs a VAE or a frozen
+CLIP: inputs are S×S×4 latents. The results name the CPU model and the share of the run's CPU time the
+hypervisor gave other guests (`cpu`, `cpu_steal_fraction`: benchmarks/host.py), by which absolute
+numbers from a shared machine can be judged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -54,7 +62,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -73,11 +81,14 @@ from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
 
-SUITES = ("train", "sampler", "startup", "memory", "input", "profile")
+SUITES = ("train", "sampler", "startup", "memory", "input", "profile", "compiler_options")
 REMAT_POLICIES = ("none", "full", "dots")
 SAMPLER_PROMPTS = 4
 GUIDANCE_SCALE = 7.5
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# JAX's persistent cache also turns on XLA's own caches in its directory (on a GPU, per-fusion autotuning
+# results): off here, so that a compile in a fresh process with other options is still cold.
+_NO_XLA_CACHES = "none"
 _START = time.perf_counter()
 
 
@@ -161,14 +172,31 @@ def matmul_peak_flops(dtype: str) -> float:
   return best
 
 
+class StepCompile(NamedTuple):
+  compiled: Any
+  compile_s: float  # Tracing, lowering and XLA's compile.
+  lower_s: float  # Tracing and lowering alone.
+  lowered: Any
+
+
 @dataclasses.dataclass
 class CompiledStep:
-  """A compiled train step bound to its state and batch: run_once() runs one step (and returns what to
-  block on); state() is the current state; info: compile time, FLOPs, memory."""
+  """A compiled train step bound to its state and batch: run_once() runs one step, updating the state
+  in place of the donated one (and returns what to block on); info: compile time, FLOPs, memory. `lowered`
+  (ours) is the program before compiling, which the compiler_options suite compiles again with other options."""
   compiled: Any
-  run_once: Callable[[], Any]
-  state: Callable[[], Any]
+  holder: dict  # {"state": the current train state}
+  batch: Any
   info: dict
+  lowered: Any = None
+
+  def run_once(self, compiled: Any = None) -> Any:
+    """One step of `compiled` (default: this step's program; another compile of `lowered` also fits)."""
+    self.holder["state"], out = (compiled or self.compiled)(self.holder["state"], self.batch)
+    return out
+
+  def state(self) -> Any:
+    return self.holder["state"]
 
 
 class Bench:
@@ -200,14 +228,21 @@ class Bench:
     sharding = mesh_lib.batch_sharding(self.run.mesh)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in shapes.items()}
 
-  def compile_step(self, run, state, batch):
-    """(compiled train step of `run`, compile seconds); `state`/`batch` may be abstract."""
+  def lower_step(self, run, state, batch):
+    """The train step of `run` lowered for `state`/`batch` (either may be abstract), as train.py traces it."""
     shardings = jax.tree.map(lambda a: a.sharding, state)
     step = train_step_lib.make_train_step(run, shardings)
+    with mesh_lib.activate(run.mesh, run.rules):
+      return step.lower(state, batch)
+
+  def compile_step(self, run, state, batch) -> "StepCompile":
+    """Our train step of `run` traced, lowered and compiled for `state`/`batch` (either may be abstract);
+    compile_s includes the lowering, as a job's first step pays both."""
     start = time.perf_counter()
-    with mesh_lib.activate(run.mesh, run.rules):  # As train.py traces it.
-      compiled = step.lower(state, batch).compile()
-    return compiled, time.perf_counter() - start
+    lowered = self.lower_step(run, state, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    return StepCompile(compiled, time.perf_counter() - start, lower_s, lowered)
 
   def our_unet_abstract(self) -> Any:
     model = self.run.model
@@ -244,18 +279,13 @@ class Bench:
     p = self.preset
     _log(f"[{p.name}] train: creating our train state")
     (state, _), create_s = _timed(lambda: self.run.create_state(jax.random.PRNGKey(0)))
-    batch = self.batch()
     _log(f"[{p.name}] train: compiling ours")
-    compiled, compile_s = self.compile_step(self.run, state, batch)
-    holder = {"state": state}
-
-    def run_once():
-      holder["state"], metrics = compiled(holder["state"], batch)
-      return metrics
-
-    self._steps["ours"] = CompiledStep(compiled, run_once, lambda: holder["state"], {
-        "create_state_s": create_s, "compile_s": compile_s, "step_gflop": _gflop(_cost_flops(compiled)),
-        "peak_mib": _peak_mib(compiled)})
+    # From the abstract state and batch, as a resumed job compiles (and the startup suite's fresh process):
+    # the same program, so the persistent cache entry this compile writes is the one that process reads.
+    made = self.compile_step(self.run, self.run.abstract_state(), self.abstract_batch())
+    self._steps["ours"] = CompiledStep(made.compiled, {"state": state}, self.batch(), {
+        "create_state_s": create_s, "compile_s": made.compile_s, "lower_s": made.lower_s,
+        "step_gflop": _gflop(_cost_flops(made.compiled)), "peak_mib": _peak_mib(made.compiled)}, made.lowered)
     return self._steps["ours"]
 
   # The peer.
@@ -281,7 +311,7 @@ class Bench:
     options = compiler.options() if our_compiler_options else {}
     _log(f"[{p.name}] train: compiling the peer" + (f" with {options}" if options else ""))
     init, step = peer_lib.make_peer_train_step(self.peer_unet())
-    holder = {"state": init(self.peer_params())}
+    state = init(self.peer_params())
     rng = np.random.default_rng(1)
     s, c = p.image_size, presets.LATENT_CHANNELS
     batch = {"latents": jnp.asarray(rng.standard_normal((p.batch_size, c, s, s), np.float32)),
@@ -289,14 +319,9 @@ class Bench:
                                                         np.float32)),
              "rng": jax.random.PRNGKey(2)}
     start = time.perf_counter()
-    compiled = step.lower(holder["state"], batch).compile(compiler_options=options or None)
+    compiled = step.lower(state, batch).compile(compiler_options=options or None)
     compile_s = time.perf_counter() - start
-
-    def run_once():
-      holder["state"], loss = compiled(holder["state"], batch)
-      return loss
-
-    self._steps[key] = CompiledStep(compiled, run_once, lambda: holder["state"], {
+    self._steps[key] = CompiledStep(compiled, {"state": state}, batch, {
         "compile_s": compile_s, "step_gflop": _gflop(_cost_flops(compiled)), "peak_mib": _peak_mib(compiled)})
     return self._steps[key]
 
@@ -458,22 +483,56 @@ _CHILD = """
 import json, sys, time
 start = time.perf_counter()
 from benchmarks import run
-print(json.dumps(run.compile_in_this_process({name!r}, {dtype!r}, {attention!r}, start)))
+print(json.dumps(run.compile_in_this_process({name!r}, {dtype!r}, {attention!r}, start, {options!r}, {create_state!r})))
 """
 
 
-def compile_in_this_process(name: str, dtype: str, attention: str, process_start: float) -> dict:
-  """Builds the preset's run, creates its sharded train state and compiles its train step (from the
-  abstract state, as a resumed job does); the child process of the startup suite."""
+def compile_in_this_process(name: str, dtype: str, attention: str, process_start: float,
+                            options: dict[str, Any] | None = None, create_state: bool = True) -> dict:
+  """Builds the preset's run, creates its sharded train state (unless not `create_state`) and compiles its
+  train step from the abstract state, as a resumed job does, with `options` over compiler.options(); the
+  child process of the startup and compiler_options suites. Seconds: create_state_s, compile_s (tracing,
+  lowering and compiling), xla_compile_s (compiling alone), process_s (since `process_start`)."""
   bench = Bench(presets.get(name), dtype, attention)
-  state, create_state_s = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0))[0])
-  del state
-  _, compile_s = bench.compile_step(bench.run, bench.run.abstract_state(), bench.abstract_batch())
-  return {"create_state_s": create_state_s, "compile_s": compile_s,
-          "process_s": time.perf_counter() - process_start}
+  out = {}
+  if create_state:
+    state, out["create_state_s"] = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0))[0])
+    del state
+  start = time.perf_counter()
+  lowered = bench.lower_step(bench.run, bench.run.abstract_state(), bench.abstract_batch())
+  lowered_at = time.perf_counter()
+  lowered.compile(compiler_options=options or None)
+  out.update(compile_s=time.perf_counter() - start, xla_compile_s=time.perf_counter() - lowered_at,
+             process_s=time.perf_counter() - process_start)
+  return out
 
 
-def bench_startup(bench: Bench) -> dict:
+def _cache_env(directory: str) -> dict[str, str]:
+  """The environment of a child process that uses JAX's persistent compilation cache in `directory` as
+  this process does under _compilation_cache (the same settings: they are part of the cache keys)."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=directory, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+              JAX_ENABLE_COMPILATION_CACHE="true", JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=_NO_XLA_CACHES)
+
+
+def _compile_in_child(bench: Bench, directory: str, options: dict[str, Any] | None = None,
+                      create_state: bool = True) -> dict:
+  """compile_in_this_process in a fresh Python process with the persistent cache in `directory`; its
+  results, or {"error": the last line it wrote to stderr}."""
+  code = _CHILD.format(name=bench.preset.name, dtype=bench.dtype, attention=bench.attention, options=options,
+                       create_state=create_state)
+  result = subprocess.run([sys.executable, "-c", code], env=_cache_env(directory), cwd=_REPO_ROOT,
+                          capture_output=True, text=True, check=False)
+  if result.returncode:
+    return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_startup(bench: Bench, cache_dir: str = "") -> dict:
+  """Our sharded train state created and our step compiled in fresh processes, JAX's persistent compilation
+  cache cold and then warm. With `cache_dir` (the run's own cache: --compilation_cache_dir) and the step
+  already compiled in this process, that compile was the cold one and wrote the cache: only the warm
+  process runs, reading it (a cold process would compile the same program again, minutes at sd21)."""
   p = bench.preset
   out = {}
   if not _runs_here(p):
@@ -482,24 +541,118 @@ def bench_startup(bench: Bench) -> dict:
   built = bench.our_train_step(build=False)  # The train suite's, in this process: not built again for this.
   if built is not None:
     out["create_state_s"], out["compile_s"] = built.info["create_state_s"], built.info["compile_s"]
-  with tempfile.TemporaryDirectory() as cache_dir:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               JAX_ENABLE_COMPILATION_CACHE="true")
-    for which in ("cold", "warm"):
+  reuse = bool(cache_dir) and built is not None
+  with (contextlib.nullcontext(cache_dir) if reuse else tempfile.TemporaryDirectory()) as directory:
+    if reuse:
+      out["note"] = f"cache cold: this process's compile, which wrote the cache in {directory}"
+    for which in ("warm",) if reuse else ("cold", "warm"):
       _log(f"[{p.name}] startup: compiling in a fresh process, persistent cache {which}")
-      child_code = _CHILD.format(name=p.name, dtype=bench.dtype, attention=bench.attention)
-      result = subprocess.run([sys.executable, "-c", child_code], env=env, cwd=_REPO_ROOT, capture_output=True,
-                              text=True, check=False)
-      if result.returncode:
-        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        out[f"{which}_cache_error"] = tail
+      child = _compile_in_child(bench, directory)
+      if "error" in child:
+        out[f"{which}_cache_error"] = child["error"]
         break
-      child = json.loads(result.stdout.strip().splitlines()[-1])
-      out[f"{which}_cache_compile_s"] = child["compile_s"]
-      out[f"{which}_cache_create_state_s"] = child["create_state_s"]
-      out[f"{which}_cache_process_s"] = child["process_s"]
+      for key in ("compile_s", "create_state_s", "process_s"):
+        out[f"{which}_cache_{key}"] = child[key]
   return out
+
+
+def default_compiler_option_sets(platform: str | None = None) -> dict[str, dict[str, Any]]:
+  """The XLA options the compiler_options suite tries on `platform` by default, most wanted first. On a
+  GPU, what XLA spends compile time on besides code generation: the Triton GEMM fusions it autotunes
+  (off: cuBLAS alone), and autotuning itself (cuDNN convolution algorithms, GEMM configurations, each run
+  on the device; level 0 skips it, level 1 runs it on uninitialized data without the correctness checks
+  of the default level 4)."""
+  if (platform or jax.default_backend()) == "gpu":
+    return {"no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
+            "autotune_level_0": {"xla_gpu_autotune_level": 0},
+            "autotune_level_1": {"xla_gpu_autotune_level": 1}}
+  return {}
+
+
+def parse_compiler_option_set(text: str) -> tuple[str, dict[str, Any]]:
+  """'NAME:OPTION=VALUE[,OPTION=VALUE...]' → (NAME, {OPTION: VALUE}); VALUE as bool (true/false), int,
+  float or string."""
+  name, sep, rest = text.partition(":")
+  if not sep or not name or not rest:
+    raise ValueError(f"bad XLA option set {text!r}: write NAME:OPTION=VALUE[,OPTION=VALUE...]")
+  options = {}
+  for item in rest.split(","):
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"bad XLA option {item!r} in {text!r}: write OPTION=VALUE")
+    options[key] = _option_value(value)
+  return name, options
+
+
+def _option_value(text: str) -> Any:
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def bench_compiler_options(bench: Bench, option_sets: dict[str, dict[str, Any]], steps: int, blocks: int,
+                           cache_dir: str = "", save: Callable[[dict], None] = lambda partial: None) -> dict:
+  """Our train step compiled with each set of XLA options (over compiler.options(), which `default` has)
+  and timed side by side with `default` right after: compile s (XLA's alone, the lowering excluded, on
+  both sides), step s, speed_vs_default (> 1: faster steps) and compile_vs_default. Options this jaxlib
+  rejects are recorded as errors. `save` gets the results so far after each set, so that a run stopped by
+  a time limit keeps them.
+
+  With `cache_dir` (the persistent cache this process uses), each set compiles cold in a fresh process,
+  which writes the cache, and this process loads that program from it to time it: compiling again here
+  would reuse the autotuning results XLA keeps in memory from earlier compiles of the same fusions, and
+  the time would not be a cold one. Without it, compiles run here (`compiled_in`: this process)."""
+  p = bench.preset
+  if not _runs_here(p):
+    return {"note": f"{p.name} runs on an accelerator only: no compiles or timings on CPU"}
+  if not option_sets:
+    return {"note": f"no XLA option sets to try on {jax.default_backend()} (give --compiler_option_set)"}
+  ours = bench.our_train_step()
+  default_compile_s = ours.info["compile_s"] - ours.info["lower_s"]
+  out: dict[str, Any] = {"compiled_in": "fresh processes" if cache_dir else "this process",
+                         "default": {"options": compiler.options(), "compile_s": default_compile_s}}
+  jax.block_until_ready(ours.run_once())
+  for name, options in option_sets.items():
+    _log(f"[{p.name}] compiler_options: compiling ours with {name} {options}")
+    row: dict[str, Any] = {"options": options}
+    out[name] = row
+    try:
+      if cache_dir:
+        child = _compile_in_child(bench, cache_dir, options, create_state=False)
+        if "error" in child:
+          raise RuntimeError(child["error"])
+        row["compile_s"] = child["xla_compile_s"]
+        compiled, row["load_s"] = _timed_compile(ours.lowered, options)
+      else:
+        compiled, row["compile_s"] = _timed_compile(ours.lowered, options)
+    except Exception as e:  # pylint: disable=broad-except  (an option this jaxlib lacks: recorded, next set)
+      lines = str(e).strip().splitlines()
+      row["error"] = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
+      save(out)
+      continue
+    run_variant = functools.partial(ours.run_once, compiled)
+    jax.block_until_ready(run_variant())
+    seconds = interleaved_seconds({"default": ours.run_once, name: run_variant}, blocks, steps)
+    out["default"].setdefault("step_s_per_block", []).extend(seconds["default"])
+    row["step_s_per_block"] = seconds[name]
+    row["step_s"] = statistics.median(seconds[name])
+    row["speed_vs_default"] = statistics.median(seconds["default"]) / row["step_s"]
+    row["compile_vs_default"] = row["compile_s"] / default_compile_s
+    save(out)
+  if "step_s_per_block" in out["default"]:
+    out["default"]["step_s"] = statistics.median(out["default"]["step_s_per_block"])
+  return out
+
+
+def _timed_compile(lowered, options: dict[str, Any]) -> tuple[Any, float]:
+  start = time.perf_counter()
+  compiled = lowered.compile(compiler_options=options)
+  return compiled, time.perf_counter() - start
 
 
 def bench_memory(bench: Bench, steps: int, blocks: int) -> dict:
@@ -516,16 +669,11 @@ def bench_memory(bench: Bench, steps: int, blocks: int) -> dict:
     row = {}
     state, _ = run.create_state(jax.random.PRNGKey(0))
     batch = bench.batch()
-    compiled, row["compile_s"] = bench.compile_step(run, state, batch)
-    holder = {"state": state}
-
-    def run_step(compiled=compiled, holder=holder, batch=batch):
-      holder["state"], metrics = compiled(holder["state"], batch)
-      return metrics
-
-    jax.block_until_ready(run_step())
-    row["step_s"] = statistics.median(interleaved_seconds({policy: run_step}, blocks, steps)[policy])
-    del holder
+    compiled, row["compile_s"], _, _ = bench.compile_step(run, state, batch)
+    step = CompiledStep(compiled, {"state": state}, batch, {})
+    jax.block_until_ready(step.run_once())
+    row["step_s"] = statistics.median(interleaved_seconds({policy: step.run_once}, blocks, steps)[policy])
+    del step
     row["peak_mib"] = _peak_mib(compiled)
     mem = compiled.memory_analysis()
     row["temp_mib"] = round(mem.temp_size_in_bytes / 2**20, 2) if mem is not None else None
@@ -568,14 +716,23 @@ def bench_input(bench: Bench, train: dict | None, steps: int, blocks: int, data_
 
 
 @contextlib.contextmanager
-def _cold_compiles():
-  """JAX's persistent compilation cache off, so that compile times are cold (restored afterwards)."""
-  before = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
+def _compilation_cache(directory: str):
+  """Without `directory`, JAX's persistent compilation cache off, so that compile times are cold. With
+  it, the cache on in `directory` for every program (none too small or too quick to keep): compile times
+  are cold only if it starts empty, and the startup suite's fresh process then reads what they wrote.
+  The settings before are restored afterwards."""
+  settings = {"jax_enable_compilation_cache": bool(directory)}
+  if directory:  # As _cache_env gives child processes.
+    settings.update(jax_compilation_cache_dir=directory, jax_persistent_cache_min_compile_time_secs=0,
+                    jax_persistent_cache_min_entry_size_bytes=0, jax_persistent_cache_enable_xla_caches=_NO_XLA_CACHES)
+  before = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
   try:
     yield
   finally:
-    jax.config.update("jax_enable_compilation_cache", before)
+    for name, value in before.items():
+      jax.config.update(name, value)
 
 
 def default_presets() -> list[str]:
@@ -584,10 +741,15 @@ def default_presets() -> list[str]:
 
 def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, blocks: int = 3,
                    sampler_steps: int = 50, dtype: str | None = None, attention: str = "auto",
-                   data_dir: str = "", out: str = "", trace_dir: str = "", peer: bool = True) -> dict:
+                   data_dir: str = "", out: str = "", trace_dir: str = "", peer: bool = True,
+                   compilation_cache_dir: str = "", compiler_option_sets: dict[str, dict] | None = None) -> dict:
   """Runs `suites` for each preset in `names`; returns the results. With `out`, they are written there
   as JSON after each suite, so that a run cut short (a lease's time limit) keeps what finished. The
-  profile suite's traces go to `trace_dir` (default: beside `out`, or ./benchmark_traces)."""
+  profile suite's traces go to `trace_dir` (default: beside `out`, or ./benchmark_traces). With
+  `compilation_cache_dir`, JAX's persistent compilation cache is on in it (see _compilation_cache); else
+  off. compiler_option_sets: the compiler_options suite's (default: default_compiler_option_sets())."""
+  if compiler_option_sets is None:
+    compiler_option_sets = default_compiler_option_sets()
   why_no_peer = peer_lib.available() if {"train", "sampler", "profile"} & set(suites) else "not needed"
   if not peer and why_no_peer is None:
     why_no_peer = "--nopeer"
@@ -600,13 +762,18 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
       "device": str(device), "device_kind": device.device_kind, "backend": jax.default_backend(),
       "cpu": host.cpu_model(), "jax": jax.__version__, "suites": suites, "steps_per_block": steps,
       "blocks": blocks, "attention": attention, "configs": {}}
+  if compilation_cache_dir:
+    entries = len(os.listdir(compilation_cache_dir)) if os.path.isdir(compilation_cache_dir) else 0
+    results["compilation_cache"] = {"dir": compilation_cache_dir, "entries_at_start": entries}
+    if entries:
+      _log(f"the compilation cache {compilation_cache_dir} holds {entries} entries: compile times may not be cold")
   cpu_times_at_start = host.cpu_times()
   if with_peer:
     import diffusers  # pylint: disable=g-import-not-at-top  (imported by peer_lib already, with USE_TORCH=0)
     results["diffusers"] = diffusers.__version__
   elif why_no_peer != "not needed":
     results["peer_skipped"] = why_no_peer
-  with _cold_compiles():
+  with _compilation_cache(compilation_cache_dir):
     for name in names:
       preset = presets.get(name)
       _log(f"[{name}] building ({preset.image_size}×{preset.image_size}×4, batch {preset.batch_size}, "
@@ -619,10 +786,13 @@ def run_benchmarks(names: list[str], suites: list[str], *, steps: int = 5, block
       suite_runners = {
           "train": lambda: bench_train(bench, steps, blocks, _matmul_peak(results, bench.dtype), with_peer),
           "sampler": lambda: bench_sampler(bench, sampler_steps, blocks, with_peer),
-          "startup": lambda: bench_startup(bench),
+          "startup": lambda: bench_startup(bench, compilation_cache_dir),
           "memory": lambda: bench_memory(bench, steps, blocks),
           "input": lambda: bench_input(bench, entry.get("train"), steps, blocks, data_dir),
-          "profile": lambda: bench_profile(bench, steps, trace_dir, with_peer)}
+          "profile": lambda: bench_profile(bench, steps, trace_dir, with_peer),
+          "compiler_options": lambda: bench_compiler_options(
+              bench, compiler_option_sets, steps, blocks, compilation_cache_dir,
+              lambda partial: _save_partial(out, results, entry, "compiler_options", partial))}
       for suite in suites:
         try:
           entry[suite] = suite_runners[suite]()
@@ -646,6 +816,13 @@ def _matmul_peak(results: dict, dtype: str) -> float:
     _log(f"measuring the {dtype} matmul peak")
     peaks[dtype] = matmul_peak_flops(dtype) / 1e9
   return peaks[dtype] * 1e9
+
+
+def _save_partial(out: str, results: dict, entry: dict, suite: str, partial: dict) -> None:
+  """A suite's results so far, written (with everything else) where `out` says, if anywhere."""
+  entry[suite] = partial
+  if out:
+    _write_json(out, results)
 
 
 def _write_json(path: str, results: dict) -> None:
@@ -735,6 +912,14 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         row("memory", f"remat {policy}: peak MiB", mem.get("peak_mib"))
         row("memory", f"remat {policy}: temp MiB", mem.get("temp_mib"))
         row("memory", f"remat {policy}: step s", mem.get("step_s"))
+    for option_set, tried in (entry.get("compiler_options") or {}).items():
+      if isinstance(tried, dict) and "options" in tried:
+        label = "default" if option_set == "default" else f"{option_set} {tried['options']}"
+        row("compiler_options", f"{label}: XLA compile s", tried.get("compile_s"), None,
+            tried.get("compile_vs_default"))
+        row("compiler_options", f"{label}: step s", tried.get("step_s"), None, tried.get("speed_vs_default"))
+        if "error" in tried:
+          rows.append((name, "compiler_options", f"{label}: error: {tried['error']}", "", "", ""))
     inp = entry.get("input")
     if inp and "examples_per_s" in inp:
       row("input", "pipeline examples/s", inp["examples_per_s"])
@@ -806,7 +991,23 @@ def _define_flags() -> None:
                       "./benchmark_traces).")
   flags.DEFINE_string("data_dir", "", "TFDS data dir holding the prepared digits dataset (input suite; default: "
                       "the pipeline's).")
+  flags.DEFINE_string("compilation_cache_dir", "", "Turn JAX's persistent compilation cache on in this directory "
+                      "(give an empty one for cold compile times; the startup suite then reads it from a fresh "
+                      "process instead of compiling cold there again). Default: off.")
+  # Not --xla_...: JAX puts every command-line argument that starts with --xla into its persistent cache
+  # keys, and the startup suite's fresh process, which has no such argument, would then miss the cache.
+  flags.DEFINE_multi_string("compiler_option_set", None, "compiler_options suite: NAME:OPTION=VALUE[,OPTION=VALUE...], "
+                            "repeatable (default: per backend, benchmarks.run.default_compiler_option_sets).")
   flags.register_validator("suite", check_list(SUITES, "suite", ("all",)))
+
+  def check_option_sets(values):
+    for value in values or ():
+      try:
+        parse_compiler_option_set(value)
+      except ValueError as e:
+        raise flags.ValidationError(str(e)) from e
+    return True
+  flags.register_validator("compiler_option_set", check_option_sets)
   flags.register_validator("config", check_list(tuple(presets.PRESETS), "preset"))
 
 
@@ -818,7 +1019,9 @@ def main(argv):
   names = f.config or default_presets()
   results = run_benchmarks(names, suites, steps=f.steps, blocks=f.blocks, sampler_steps=f.sampler_steps,
                            dtype=f.dtype, attention=f.attention, data_dir=f.data_dir, out=f.out,
-                           trace_dir=f.trace_dir, peer=f.peer)
+                           trace_dir=f.trace_dir, peer=f.peer, compilation_cache_dir=f.compilation_cache_dir,
+                           compiler_option_sets=(dict(map(parse_compiler_option_set, f.compiler_option_set))
+                                            if f.compiler_option_set else None))
   print(format_table(results))
   if f.out:
     print(f"results: {f.out}")
