@@ -35,9 +35,11 @@ deadline=$(( $(date +%s) + phase_s ))
 
 bench() {  # bench RESULTS_FILE ARGS...: benchmarks.run until the phase's deadline; the table even if cut off.
   local results="$1"; shift
-  timeout --kill-after=10 $(( deadline - $(date +%s) )) python3 -m benchmarks.run --out="$results" "$@"
+  local left=$(( deadline - $(date +%s) ))
+  if [ "$left" -le 0 ]; then echo "no time left in the phase for $results"; return 124; fi
+  timeout --kill-after=10 "$left" python3 -m benchmarks.run --out="$results" "$@"
   local rc=$?
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ -f "$results" ]; then
     echo "stopped at the phase's deadline; the results so far:"
     python3 -c "import json, sys; from benchmarks import run; print(run.format_table(json.load(open(sys.argv[1]))))" \
       "$results"
