@@ -35,10 +35,10 @@ Per preset (benchmarks/presets.py: tiny, small, medium, sd21):
   where the time goes: ms per step and share of the op time by category (convolution, matmul, attention
   kernel, reduction, transpose/copy, select, elementwise, collective) and the costliest ops
   (benchmarks/profile.py); the results hold the trace directory.
-- compiler_options: our step's lowered program compiled again with other XLA options
-  (--compiler_option_set; on a GPU by default autotuning levels 0 and 1 and no Triton GEMMs), each timed
-  side by side with the default compile: XLA compile s and step s, and their ratios to the default's.
-  How an option is chosen for compiler.options().
+- compiler_options: our step compiled with other XLA options (--compiler_option_set; on a GPU by
+  default no Triton GEMMs and autotuning levels 0 and 1), cold in a fresh process when
+  --compilation_cache_dir is given, and each timed side by side with the default compile: XLA compile s
+  and step s, and their ratios to the default's. How an option is chosen for compiler.options().
 
 Timings are taken side by side: blocks of `steps` calls alternate between ours and the peer and the
 median block is reported (the JSON has every block), so a noisy shared machine slows both alike. In this
