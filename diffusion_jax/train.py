@@ -54,7 +54,7 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   step_compiled = compile_in_background(step_fn, abstract, run)
   # The parameters' global norm, read at each log line and before each checkpoint (see `summarize`):
   # compiled here, beside the step (~2 s on a CPU at digits), rather than at the first log line.
-  param_norm_of = compiler.jit(optax.global_norm, out_shardings=mesh_lib.replicated(run.mesh)).lower(
+  param_norm_of = compiler.jit(optax.tree.norm, out_shardings=mesh_lib.replicated(run.mesh)).lower(
       abstract.params).compile()
   tokenizer = getattr(run.conditioning, "tokenizer", None)
   train_iter = pipeline.create_train_iterator(config, tokenizer=tokenizer)
