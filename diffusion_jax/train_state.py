@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import compiler
+from diffusion_jax import compiler, parameter_update
 from diffusion_jax.models import initializers
 from diffusion_jax.models.diffusion_model import DiffusionModel
 from diffusion_jax.parallel import mesh as mesh_lib
@@ -45,13 +45,16 @@ def learning_rate_schedule(config) -> optax.Schedule:
 LEARNING_RATE_SCHEDULES = ("cosine", "constant")
 
 
-def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
-  """AdamW with warmup and global-norm gradient clipping; the top-level parameter subtrees named in
-  `frozen` get no update and no optimizer state."""
+def adamw(config) -> optax.GradientTransformation:
+  """AdamW with the config's schedule: each array updated from its own gradient, value and moments."""
   opt = config.optimizer
-  tx = optax.chain(
-      optax.clip_by_global_norm(opt.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+  return optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+
+
+def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """Global-norm gradient clipping, then `adamw` (its state: (clip's EmptyState, AdamW's state)). The
+  top-level parameter subtrees named in `frozen` get no update and no optimizer state."""
+  tx = parameter_update.clipped(config.optimizer.grad_clip_norm, adamw(config))
   if not frozen:
     return tx
   # One label per parameter; a logically partitioned parameter (nn.Partitioned box) is one parameter.

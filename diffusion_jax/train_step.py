@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import compiler, train_state
+from diffusion_jax import compiler, parameter_update, train_state
 from diffusion_jax.diffusion import losses, schedules
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import conditioning as conditioning_lib
@@ -82,7 +82,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(k)))
     loss, grads = jax.tree.map(lambda a: a / k, (loss, grads))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   # A step with a non-finite loss or gradient changes nothing but the counters: the batch is consumed (the
   # data position and RNG stream stay those of an uninterrupted run) and skipped. Decided before the
   # update, so XLA fuses the keep-or-skip select into the optimizer's and the EMA's per-parameter loops.
@@ -92,14 +92,10 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], *, mo
   # on a CPU (no multi-output fusion) each such reduction recomputes the whole update from the parameters,
   # gradients and both moments: the two norms were 30% of the medium benchmark step's fusions (see README, Benchmarks).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up, so early EMA weights are not dominated by the initialization.
   decay = jnp.minimum(config.optimizer.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  params, ema_params, opt_state = keep_if_finite((params, ema_params, opt_state),
-                                                 (state.params, state.ema_params, state.opt_state))
+  params, ema_params, opt_state = parameter_update.update(tx, grads, state.opt_state, state.params, state.ema_params,
+                                                          grad_norm=grad_norm, ema_decay=decay, finite=finite)
   skipped = 1 - finite.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
                             nonfinite_steps=state.nonfinite_steps + skipped,
