@@ -273,7 +273,9 @@ def test_resume_check_treats_a_saved_nan_as_unchanged(config, tmp_path):
 @pytest.mark.slow
 def test_a_second_trainer_on_the_same_workdir_is_refused(data_dir, tmp_path):
   workdir = str(tmp_path / "shared")
-  first = _start(workdir, data_dir)
+  # Too many steps to end on its own while the second starts (a 120-step run did, on a loaded 2-core host:
+  # the second then found the lock released and the workdir a different config's); stopped by SIGTERM.
+  first = _start(workdir, data_dir, ["--config.num_train_steps=100000"])
   deadline = time.time() + 300
   while _logged_step(workdir) < 1:  # The first run is training (it took the lock before anything else).
     assert first.poll() is None and time.time() < deadline, _output(first)[-3000:]
@@ -285,7 +287,9 @@ def test_a_second_trainer_on_the_same_workdir_is_refused(data_dir, tmp_path):
   errors = [l for l in second_output.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "is in use by another training run" in errors[0] and f"pid {first.pid}" in errors[0]
   assert "Traceback" not in second_output
-  _finish(first)
+  assert first.poll() is None  # still training: the lock, not the finished run's config, refused the second
+  first.send_signal(signal.SIGTERM)
+  _finish(first)  # saves its step and exits cleanly
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["seed"] == 0  # The second run wrote nothing.
   assert not os.path.exists(os.path.join(workdir, ".lock"))  # Released at the end of the first run.
