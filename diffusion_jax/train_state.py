@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+import zlib
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
 import optax
 
 from diffusion_jax import compiler, parameter_update
@@ -79,8 +84,13 @@ def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransfo
 def state_shardings(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
                     replicate_indivisible: bool = False) -> Any:
   """NamedShardings of the (unboxed) TrainState, from the parameters' logical axis names."""
-  abstract = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
-  return mesh_lib.logical_to_sharding(abstract, mesh, rules, replicate_indivisible=replicate_indivisible)
+  return mesh_lib.logical_to_sharding(_boxed_shapes(model, tx), mesh, rules,
+                                      replicate_indivisible=replicate_indivisible)
+
+
+def _boxed_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> Any:
+  """The TrainState as ShapeDtypeStructs, boxed with the parameters' logical axis names (no compute)."""
+  return jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
 
 
 # The initializer runs once, but compiling it is most of the state's creation time, and nearly all of that
@@ -101,31 +111,85 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
                        on_host: bool | None = None) -> tuple[TrainState, Any]:
   """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings).
 
-  On a CPU mesh, or with several processes, every leaf is initialized directly on its shards. On an
-  accelerator in one process (`on_host` None: chosen so; True/False: forced) the same program runs on
-  the host's CPU and the state is copied to its shards: XLA:GPU compiled the initializer of the SD 2.1
-  layout in 221 s on an H200 host (about a thousand draw, scale and copy kernels, each through LLVM and
-  ptxas), where XLA:CPU without LLVM's optimizations compiles it in 7 s and runs it in 57 s on 2 cores
-  (the path is not yet timed on a GPU host, whose 16 cores share the run). The values are the CPU
-  program's, the same as a CPU run's. Several processes keep the on-device path: each would run the host
-  program on its own CPU, and equal bits across hosts are not guaranteed.
+  On a CPU mesh every leaf is initialized directly on its shards. On an accelerator (`on_host` None:
+  chosen so; True/False: forced) the same program runs on the host's CPU and each device receives its
+  slices of the result: XLA:GPU compiled the initializer of the SD 2.1 layout in 221 s on an H200 host
+  (about a thousand draw, scale and copy kernels, each through LLVM and ptxas), where XLA:CPU without
+  LLVM's optimizations compiles it in 7 s and runs it in 57 s on 2 cores (the path is not yet timed on a
+  GPU host, whose 16 cores share the run). The values are the CPU program's, the same as a CPU run's.
+  With several processes each runs the host program on its own CPU; the processes then compare a CRC-32
+  of every leaf, and if any differ (hosts whose CPUs round differently) all fall back to initializing on
+  the devices, so that replicas never start from different values.
   """
-  shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
+  shapes = _boxed_shapes(model, tx)
+  shardings = mesh_lib.logical_to_sharding(shapes, mesh, rules, replicate_indivisible=replicate_indivisible)
   platform = mesh.devices.flat[0].platform
   host_cpu = _host_cpu()
   if on_host is None:
-    on_host = platform != "cpu" and jax.process_count() == 1 and host_cpu is not None
+    on_host = platform != "cpu" and host_cpu is not None and _fits_in_host_memory(nn.unbox(shapes))
   init_fn = lambda r: nn.unbox(_init_state(r, model, tx))
   cpu_options = {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
   if on_host:
     host_rng = jax.device_put(rng, host_cpu)
     # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
     host_state = jax.jit(init_fn).lower(host_rng).compile(compiler_options=cpu_options)(host_rng)
-    return jax.device_put(host_state, shardings), shardings
+    if equal_on_all_processes(host_state):
+      return jax.tree.map(_place_from_host, host_state, shardings), shardings
+    logging.warning("The state initialized on the host CPUs differs between processes; initializing it on "
+                    "the devices instead (slower to compile, equal everywhere).")
   options = cpu_options if platform == "cpu" else compiler.options(platform)
   init = jax.jit(init_fn, out_shardings=shardings)
   with mesh_lib.activate(mesh, rules):
     return init.lower(rng).compile(compiler_options=options or None)(rng), shardings
+
+
+def _place_from_host(value: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` (the whole array, on this process's CPU) laid out in `sharding`: each of this process's
+  devices receives only its slice; other processes place theirs from their own copy."""
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def equal_on_all_processes(tree: Any) -> bool:
+  """Whether every process holds the same bits in every leaf of `tree` (host arrays, each process its own
+  whole copy): a CRC-32 per leaf, gathered from all processes. A collective where process_count > 1:
+  every process must call it at the same point. True in one process."""
+  if jax.process_count() == 1:
+    return True
+  crcs = np.array([zlib.crc32(np.ascontiguousarray(leaf).reshape(-1).view(np.uint8))
+                   for leaf in jax.tree.leaves(tree)], np.uint32)
+  gathered = np.asarray(multihost_utils.process_allgather(crcs))  # [processes, leaves]
+  return bool((gathered == gathered[0]).all())
+
+
+def _fits_in_host_memory(shapes: Any) -> bool:
+  """Whether a whole copy of `shapes` (ShapeDtypeStructs) takes at most half of the host's available
+  memory: every process holds the whole state on the host path, which must not get a host killed."""
+  state_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
+  available = _available_host_memory()
+  if available is None:  # No way to tell: do not risk it.
+    return False
+  if 2 * state_bytes > available:
+    logging.info("The train state (%.1f GiB) is over half the host's available memory (%.1f GiB): "
+                 "initializing it on the devices.", state_bytes / 2**30, available / 2**30)
+    return False
+  return True
+
+
+def _available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
+  """Bytes the host can give without swapping: Linux's MemAvailable (free memory plus the page cache it
+  can drop), else the free pages; None where neither is known."""
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024  # Reported in kB.
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError):
+    return None
 
 
 def _host_cpu() -> Any:
@@ -139,9 +203,10 @@ def _host_cpu() -> Any:
 def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
                          replicate_indivisible: bool = False) -> Any:
   """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
-  shardings = state_shardings(model, tx, mesh, rules, replicate_indivisible)
-  shapes = jax.eval_shape(lambda: nn.unbox(_init_state(jax.random.PRNGKey(0), model, tx, abstract=True)))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  boxed = _boxed_shapes(model, tx)
+  shardings = mesh_lib.logical_to_sharding(boxed, mesh, rules, replicate_indivisible=replicate_indivisible)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+                      shardings)
 
 
 def param_count(params: Any) -> int:

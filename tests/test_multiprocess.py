@@ -62,6 +62,31 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
+  """Two processes, 2 devices each, fsdp over all 4: each process runs the initializer on its host CPU and
+  places its devices' slices (what a multi-host accelerator job does). The global state is the host
+  program's bits, within one float32 ulp of the state initialized on the devices (the last bit of a
+  fused scale differs, as in tests/test_parallel.py); a flipped bit on one process fails the CRC check
+  on both, and then both initialize on the devices."""
+  from launch import local  # pylint: disable=g-import-not-at-top
+  port = local._free_port()  # pylint: disable=protected-access
+  procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multiprocess_init_check.py")], cwd=REPO,
+                            env=dict(os.environ, **local.process_env(i, 2, 2, port)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  report = json.loads([l for l in outputs[0][0].splitlines() if l.startswith("REPORT ")][0][len("REPORT "):])
+  assert report["processes"] == 2 and report["devices"] == 4 and report["leaves"] > 100, report
+  assert report["split_leaves"] > 10 and report["same_shardings"], report  # Really laid out over both.
+  assert report["bit_identical_to_one_device"], report
+  assert report["max_abs_diff_to_on_devices"] < 1.2e-7, report  # One float32 ulp of a value below 1.
+  assert report["equal_trees_pass"] and report["one_flipped_bit_fails"], report
+  assert report["fallback_checked_once"] and report["fallback_bit_identical_to_on_devices"], report
+  assert report["same_report_on_all_processes"], report
+
+
 def _child_with_process_id(launcher_pid, process_id):
   """The PID of the training process that the launcher started with DIFFUSION_JAX_PROCESS_ID=process_id."""
   children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()

@@ -54,7 +54,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(sharded_report):
 
 
 def test_state_initialized_on_the_host_equals_the_one_initialized_on_devices(sharded_report):
-  """One process on an accelerator runs the initializer on the host CPU and copies the state to its
+  """A process on an accelerator runs the initializer on the host CPU and copies the state to its
   shards (train_state.create_train_state): the bits of the same program on one device, laid out as the
   state initialized on its shards. That one differs in the last bit of one pooled draw (conv_in's kernel,
   replicated because indivisible, 6e-8 apart): XLA computes it in another fusion on 8 devices."""

@@ -51,6 +51,19 @@ def test_learning_rate_schedules_match_their_closed_forms(config):
     np.testing.assert_allclose([float(schedule(s)) for s in steps], values, rtol=1e-5, atol=1e-10, err_msg=name)
 
 
+def test_the_host_path_is_chosen_only_for_a_state_within_half_the_available_memory(monkeypatch, tmp_path):
+  """Every process holds a whole copy of the state on the host path: over half the host's available
+  memory (Linux's MemAvailable, which counts the page cache it can drop) it initializes on the devices."""
+  meminfo = tmp_path / "meminfo"
+  meminfo.write_text("MemTotal:       16000 kB\nMemFree:          100 kB\nMemAvailable:     4000 kB\n")
+  assert train_state._available_host_memory(str(meminfo)) == 4_096_000  # pylint: disable=protected-access
+  assert train_state._available_host_memory(str(tmp_path / "absent")) > 0  # The free pages, from sysconf.
+  monkeypatch.setattr(train_state, "_available_host_memory", lambda: 4_096_000)
+  state = lambda n: {"params": jax.ShapeDtypeStruct((n, 1000), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  assert train_state._fits_in_host_memory(state(511))  # 2,044,004 bytes  pylint: disable=protected-access
+  assert not train_state._fits_in_host_memory(state(512))  # 2,048,004 bytes  pylint: disable=protected-access
+
+
 def test_the_smoke_step_does_not_depend_on_the_run_length(config):
   """configs/smoke.py's step is one program for every num_train_steps (which the tests vary), so the
   persistent compilation cache shares it between runs of different lengths."""
