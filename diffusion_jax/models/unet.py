@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import layers
+from diffusion_jax.models.traced_once import traced_once
 
 
 REMAT_POLICIES = {
@@ -59,6 +60,7 @@ class ResBlock(nn.Module):
   scale_shift_norm: bool = False
   resample: str = ""
 
+  @traced_once
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     h = nn.silu(layers.group_norm(self.norm_groups, dtype=self.dtype, name="norm_1")(x))
@@ -119,6 +121,7 @@ class SpatialTransformer(nn.Module):
   num_heads: int = 0
   attention: str = "xla"
 
+  @traced_once
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
     b, hgt, wid, ch = x.shape
@@ -148,6 +151,7 @@ class AttentionBlock(nn.Module):
   num_heads: int = 0
   attention: str = "xla"
 
+  @traced_once
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
     del context, context_mask
