@@ -4,6 +4,7 @@ logical axis rules."""
 
 import flax.linen as nn
 import jax
+from jax.extend.core import jaxprs_in_params
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def _block_calls(jaxpr):
     for eqn in j.eqns:
       if eqn.primitive.name in ("jit", "pjit") and eqn.params["name"] in ("ResBlock", "SpatialTransformer"):
         calls.setdefault(eqn.params["name"], []).append(eqn.params["jaxpr"])
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jaxprs_in_params(eqn.params):
         walk(sub)
   walk(jaxpr)
   return calls
@@ -115,7 +116,7 @@ def _block_constraint_specs(jaxpr):
     for eqn in j.eqns:
       if eqn.primitive.name == "sharding_constraint":
         specs.add(str(eqn.params["sharding"].spec))
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jaxprs_in_params(eqn.params):
         walk(sub)
   for block_jaxprs in _block_calls(jaxpr).values():
     for block_jaxpr in block_jaxprs:

@@ -41,7 +41,7 @@ class _Signature:
 
 
 def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__")
+  return isinstance(x, jax.Array) or hasattr(x, "__jax_array__")  # Tracers are jax.Arrays too.
 
 
 def traced_once(method: Callable) -> Callable:
