@@ -136,3 +136,12 @@ def test_a_block_traced_under_other_logical_rules_is_traced_again(unet):
     replicated = _block_constraint_specs(trace())
   assert any("tensor" in spec for spec in tensor), tensor
   assert not any("tensor" in spec for spec in replicated), replicated
+
+
+def test_an_apply_that_captures_intermediates_traces_the_blocks_as_before(unet):
+  """capture_intermediates writes each submodule's output into the caller's variables: the blocks run
+  their plain call, and their sublayers' outputs are captured."""
+  model, params, inputs = unet
+  _, state = model.apply({"params": params}, *inputs, capture_intermediates=True)
+  assert "conv_1" in state["intermediates"]["down_0_res_0"]
+  assert "proj_in" in state["intermediates"]["down_1_attn_0"]

@@ -12,7 +12,8 @@ differ by rounding (the inlined calls' reductions are summed in another order).
 Keyed on the module's class and fields (its name aside: the parameters are an argument), the non-array
 arguments, the Flax logical axis rules in force, and — through JAX's own cache key — the mesh and the
 arrays' shapes and dtypes. `init` traces as usual: the pooled initializers (models/initializers.py)
-must see every parameter being created. A block's dropout key is drawn by the block (`make_rng` at its
+must see every parameter being created, and neither does an apply with a mutable collection
+(`capture_intermediates`, `sow`): the block's writes must reach the caller's variables. A block's dropout key is drawn by the block (`make_rng` at its
 own path) and passed in, so blocks of one signature still draw their own masks.
 """
 
@@ -50,7 +51,9 @@ def traced_once(method: Callable) -> Callable:
 
   @functools.wraps(method)
   def call(self, *args):
-    if _INSIDE.get() or self.is_initializing():
+    # Initializing, or with a mutable collection (capture_intermediates, sow): the plain call, whose
+    # writes land in the caller's variables.
+    if _INSIDE.get() or self.is_initializing() or self.scope.mutable:
       return method(self, *args)
     fields = tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
                    if f.name not in ("parent", "name"))
