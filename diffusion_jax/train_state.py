@@ -81,13 +81,6 @@ def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransfo
                     nonfinite_steps=zero, nonfinite_streak=zero)
 
 
-def state_shardings(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
-                    replicate_indivisible: bool = False) -> Any:
-  """NamedShardings of the (unboxed) TrainState, from the parameters' logical axis names."""
-  return mesh_lib.logical_to_sharding(_boxed_shapes(model, tx), mesh, rules,
-                                      replicate_indivisible=replicate_indivisible)
-
-
 def _boxed_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> Any:
   """The TrainState as ShapeDtypeStructs, boxed with the parameters' logical axis names (no compute)."""
   return jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))

@@ -48,7 +48,8 @@ def main():
       "bit_identical_to_one_device": bit_identical(host_values, on_one_device),
       "max_abs_diff_to_on_devices": max(float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
                                         for a, b in zip(host_values, device_values)),
-      "same_shardings": all(a.sharding == s for a, s in zip(jax.tree.leaves(from_host), jax.tree.leaves(shardings))),
+      "same_shardings": all(a.sharding == s
+                            for a, s in zip(jax.tree.leaves(from_host), jax.tree.leaves(shardings))),
       "split_leaves": sum(not a.sharding.is_fully_replicated for a in jax.tree.leaves(from_host.params)),
   }
   # The guard: equal trees pass; one bit flipped in one element on process 1 fails on every process.

@@ -97,7 +97,8 @@ class _TwoEqualBlocks(nn.Module):
 def test_blocks_of_one_signature_draw_their_own_dropout_masks():
   x, temb = jnp.ones((1, 4, 4, 4)), jnp.ones((1, 8))
   model = _TwoEqualBlocks()
-  params = perturbed(model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x, temb)["params"])
+  keys = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  params = perturbed(model.init(keys, x, temb)["params"])
   params = {"a": params["a"], "b": params["a"]}  # The same weights: only the masks can tell them apart.
   apply = jax.jit(lambda key: model.apply({"params": params}, x, temb, rngs={"dropout": key}))
   a, b = apply(jax.random.PRNGKey(2))

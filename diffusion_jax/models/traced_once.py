@@ -1,20 +1,21 @@
 """A Module method traced once per call signature, not once per call.
 
 The U-Net applies a handful of distinct blocks many times: the SD 2.1 layout has 22 ResBlocks and 16
-SpatialTransformers, of 14 and 4 distinct signatures. JAX traces Python, so each call re-emits its operations
-and every transformation (JVP, partial evaluation, transposition, lowering) processes them again. Applied
-through one `jax.jit` per block class, configuration and input signature, a block is traced once; JAX
-caches the JVP, partial evaluation, transposition and lowering of a traced jaxpr, so the other calls
-reuse them: the sd21 step traces 5,908 operations instead of 19,704. XLA inlines the calls before it
-optimizes: the compiled program has the same fusions, the forward pass the same bits, the gradients
-differ by rounding (the inlined calls' reductions are summed in another order).
+SpatialTransformers, of 14 and 4 distinct signatures. JAX traces Python, so each call re-emits its
+operations and every transformation (JVP, partial evaluation, transposition, lowering) processes them
+again. Applied through one `jax.jit` per block class, configuration and input signature, a block is
+traced once; JAX caches the JVP, partial evaluation, transposition and lowering of a traced jaxpr, so
+the other calls reuse them: the sd21 step traces 5,908 operations instead of 19,704. XLA inlines the
+calls before it optimizes: the compiled program has the same fusions, the forward pass the same bits,
+the gradients differ by rounding (the inlined calls' reductions are summed in another order).
 
 Keyed on the module's class and fields (its name aside: the parameters are an argument), the non-array
 arguments, the Flax logical axis rules in force, and — through JAX's own cache key — the mesh and the
-arrays' shapes and dtypes. `init` traces as usual: the pooled initializers (models/initializers.py)
-must see every parameter being created, and neither does an apply with a mutable collection
-(`capture_intermediates`, `sow`): the block's writes must reach the caller's variables. A block's dropout key is drawn by the block (`make_rng` at its
-own path) and passed in, so blocks of one signature still draw their own masks.
+arrays' shapes and dtypes. `init` traces every call as usual (the pooled initializers,
+models/initializers.py, must see every parameter being created), and so does an apply with a mutable
+collection (`capture_intermediates`, `sow`), whose writes must reach the caller's variables. A block's
+dropout key is drawn by the block (`make_rng` at its own path) and passed in, so blocks of one signature
+still draw their own masks.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def traced_once(method: Callable) -> Callable:
 def _jitted_apply(cls: type) -> Callable:
   """The jitted apply of blocks of class `cls`, named after it (profiles show `jit(ResBlock)`)."""
 
-  def apply(signature: _Signature, variables: Any, rngs: dict[str, jax.Array], arrays: tuple[Any, ...]) -> Any:
+  def apply(signature: _Signature, variables: Any, rngs: dict[str, jax.Array],
+            arrays: tuple[Any, ...]) -> Any:
     args = list(arrays)
     for i, value in signature.static_args:
       args[i] = value
