@@ -3,7 +3,8 @@
   python -m launch.local --num_processes=2 --devices_per_process=1 \
       --config=configs/digits.py --workdir=runs/two_procs [--config.KEY=VALUE ...]
 
-Each process gets `--devices_per_process` simulated CPU devices (XLA_FLAGS) and finds the others through
+Each process gets `--devices_per_process` simulated CPU devices (in XLA_FLAGS, beside any other XLA flags
+of the launcher's environment) and finds the others through
 DIFFUSION_JAX_COORDINATOR=127.0.0.1:PORT, DIFFUSION_JAX_NUM_PROCESSES and DIFFUSION_JAX_PROCESS_ID, which
 diffusion_jax/parallel/distributed.py reads. PORT is a free port unless `--port` is given. The flags'
 defaults come from the environment variables of the older launch/local_multiprocess.sh: NUM_PROCESSES (2),
@@ -56,13 +57,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(process_id: int, num_processes: int, devices_per_process: int, port: int) -> dict[str, str]:
-  """The environment variables that make a training process `process_id` of a local jax.distributed job."""
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def process_env(process_id: int, num_processes: int, devices_per_process: int, port: int,
+                xla_flags: str = "") -> dict[str, str]:
+  """The environment variables that make a training process `process_id` of a local jax.distributed job.
+  `xla_flags` (the launcher's XLA_FLAGS) are passed on, but for their simulated device count."""
+  kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_COUNT_FLAG)]
   return {"DIFFUSION_JAX_COORDINATOR": f"127.0.0.1:{port}",
           "DIFFUSION_JAX_NUM_PROCESSES": str(num_processes),
           "DIFFUSION_JAX_PROCESS_ID": str(process_id),
           "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+          "XLA_FLAGS": " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={devices_per_process}"])}
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> int:
@@ -89,7 +96,8 @@ def main(argv: list[str]) -> None:
   dry_run = common.DRY_RUN.value or bool(os.environ.get("DRY_RUN"))
   port = _setting(_PORT, "PORT", None) or _free_port()
   command = common.train_argv(common.config_path(), common.workdir(), common.config_overrides(sys.argv[1:]))
-  envs = [process_env(i, num_processes, devices_per_process, port) for i in range(num_processes)]
+  envs = [process_env(i, num_processes, devices_per_process, port, os.environ.get("XLA_FLAGS", ""))
+          for i in range(num_processes)]
   if dry_run:
     for env in envs:
       print(shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *command]))

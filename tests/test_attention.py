@@ -140,7 +140,7 @@ import jax, jax.numpy as jnp, numpy as np
 from configs import smoke
 from diffusion_jax import build
 from diffusion_jax.parallel import mesh as mesh_lib
-from tests.conftest import perturbed
+from tests.conftest import perturbed, xla_flags
 outs, params = {}, None
 for impl in ("xla", "splash"):
   config = smoke.get_config()
@@ -165,7 +165,7 @@ def test_splash_model_output_equals_xla_on_a_2x2x2_mesh():
   """The whole text model (text-encoder self-attention, U-Net self- and cross-attention) with splash in a
   shard_map over (data, fsdp) × tensor on 8 simulated devices."""
   from tests.test_cli import REPO  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
   proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import pytest
 from benchmarks import peer, presets
 from benchmarks import run as bench_run
 from diffusion_jax.data import registry
+from tests.conftest import xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NO_PEER = peer.available()
@@ -119,15 +120,15 @@ def restore_dataset_registry():
 def end_to_end_run(tmp_path_factory):
   """`python -m benchmarks.run` at `tiny` (train, sampler, profile, startup and compiler_options, one step
   each), started before this module's other tests so that its minutes of compiling on one core overlap
-  them. XLA's LLVM optimizations are off in it (a third less compile time): the test checks what the
-  suite does and writes, not its numbers. The persistent compilation cache is on in a directory of its own."""
+  them. XLA's LLVM optimizations are off in it (tests/conftest.py), and its expensive passes too: the test
+  checks what the suite does and writes, not its numbers. The persistent compilation cache is on in a
+  directory of its own."""
   if _NO_PEER is not None:
     yield None
     return
   out = tmp_path_factory.mktemp("bench") / "results.json"
   cache_dir = tmp_path_factory.mktemp("bench_compilation_cache")
-  flags = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
+  env = dict(os.environ, XLA_FLAGS=xla_flags() + " --xla_llvm_disable_expensive_passes=true")
   process = subprocess.Popen(
       [sys.executable, "-m", "benchmarks.run", "--suite=train,sampler,profile,startup,compiler_options",
        "--config=tiny", "--steps=1", "--blocks=1", "--sampler_steps=2", f"--out={out}",

@@ -21,7 +21,7 @@ from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.diffusion import samplers, schedules
 from diffusion_jax.models import conditioning
-from tests.conftest import perturbed, tiny_config
+from tests.conftest import perturbed, tiny_config, xla_flags
 from tests.test_cli import _assert_one_line_error, _run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,8 +166,7 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded
 print("OK")
 """
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
@@ -244,7 +243,7 @@ assert config.dataset.random_flip
 with tfds.testing.mock_data(num_examples=64):
   train.train_and_evaluate(config, sys.argv[1])
 """
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
   workdir = str(tmp_path / "cifar10")
   proc = subprocess.run([sys.executable, "-c", script, workdir], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900)

@@ -13,13 +13,17 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 600
 
 
 def _env(data_dir, bucket_root):
+  # Compiled at XLA's default optimization level, as users run it (tests/conftest.py lowers it elsewhere):
+  # 600 training steps would take longer than the compiles it saves.
   return dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, DIFFUSION_JAX_URL_FAKES=f"fake={bucket_root}",
-              PYTHONPATH=REPO)
+              PYTHONPATH=REPO, XLA_FLAGS=xla_flags(fast_compile=False))
 
 
 def _run(env, cwd, *args):

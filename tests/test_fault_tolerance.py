@@ -25,6 +25,7 @@ from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.checkpoint import Checkpointer, fingerprint
 from diffusion_jax.errors import NonFiniteError, UserError
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120
@@ -36,8 +37,7 @@ ARGS = ["--config=configs/smoke.py", f"--config.num_train_steps={STEPS}", "--con
 
 def _start(workdir, data_dir, extra_args=()):
   """A training process; its output goes to a file (a full pipe would stall a run that logs every step)."""
-  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, f"log.{time.time_ns()}.txt"), "w+")  # pylint: disable=consider-using-with
   proc = subprocess.Popen([sys.executable, "-m", "diffusion_jax.main", f"--workdir={workdir}", *ARGS, *extra_args],

@@ -329,12 +329,15 @@ def test_slurm_errors_are_one_line_and_submit_nothing(fake):
 
 
 def test_local_dry_run_prints_one_command_per_process(fake):
+  # The launcher's own XLA flags reach each process, but for its device count, which --devices_per_process sets.
   proc = fake.launch("local", "--num_processes=3", "--devices_per_process=2", "--port=12345", "--dry_run",
-                     "--config=configs/smoke.py", "--workdir=runs/mp", "--config.num_train_steps=6")
+                     "--config=configs/smoke.py", "--workdir=runs/mp", "--config.num_train_steps=6",
+                     XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/hlo")
   assert _stdout_lines(proc) == [
       f"env DIFFUSION_JAX_COORDINATOR=127.0.0.1:12345 DIFFUSION_JAX_NUM_PROCESSES=3 DIFFUSION_JAX_PROCESS_ID={i} "
-      f"JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 {PYTHON} -m diffusion_jax.main "
-      "--config=configs/smoke.py --workdir=runs/mp --config.num_train_steps=6" for i in range(3)]
+      f"JAX_PLATFORMS=cpu 'XLA_FLAGS=--xla_dump_to=/tmp/hlo --xla_force_host_platform_device_count=2' {PYTHON} "
+      "-m diffusion_jax.main --config=configs/smoke.py --workdir=runs/mp --config.num_train_steps=6"
+      for i in range(3)]
 
 
 def test_local_multiprocess_sh_keeps_its_environment_variables(fake):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.inference import load
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/smoke.py", "--config.num_train_steps=6", "--config.log_every_steps=3",
@@ -42,8 +43,7 @@ def _sample_metrics(workdir):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(data_dir, tmp_path):
-  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   subprocess.run([sys.executable, "-m", "diffusion_jax.main", f"--workdir={one}", *ARGS], cwd=REPO, env=env,
                  check=True, capture_output=True, timeout=600)
@@ -100,8 +100,7 @@ def _child_with_process_id(launcher_pid, process_id):
 @pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_all_and_exits_cleanly(data_dir, tmp_path):
   """The preemption notice reaches one process; all processes agree on a step, save it and exit 0."""
-  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", NUM_PROCESSES="2")
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, DIFFUSION_JAX_DATA_DIR=data_dir, JAX_PLATFORMS="cpu", NUM_PROCESSES="2", XLA_FLAGS=xla_flags())
   workdir = str(tmp_path / "preempted")
   args = ["--config=configs/smoke.py", "--config.num_train_steps=400", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=1000", "--config.sample_every_steps=1000",

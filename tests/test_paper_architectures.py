@@ -18,6 +18,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.models.unet import UNet
+from tests.conftest import xla_flags
 
 
 def _count(module, *inputs) -> int:
@@ -320,7 +321,7 @@ def test_paper_configs_train_sharded_and_ddpm_loss_falls_on_mock_data(tmp_path):
   trains 200 steps (the whole training job) with a falling loss."""
   import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   from tests.test_cli import REPO  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
   proc = subprocess.run([sys.executable, "-c", _MOCK_RUNS, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

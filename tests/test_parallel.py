@@ -17,14 +17,14 @@ import pytest
 from diffusion_jax import build, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.data import pipeline
-from tests.conftest import randomized
+from tests.conftest import randomized, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def sharded_report(data_dir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", DIFFUSION_JAX_DATA_DIR=data_dir)
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), DIFFUSION_JAX_DATA_DIR=data_dir)
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_check.py"), data_dir], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 from diffusion_jax import build
 from diffusion_jax.errors import UserError
 from diffusion_jax.metrics import features, fid, sample_eval
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, xla_flags
 from tests.test_cli import REPO, _assert_one_line_error
 
 
@@ -105,7 +105,7 @@ def test_evaluation_is_deterministic_and_the_same_on_8_devices(twenty_steps, tmp
       "print(json.dumps({k: v for r in results for k, v in r.metrics.items()}))\n")
 
   def evaluate(num_devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(num_devices),
                DIFFUSION_JAX_DATA_DIR=config.dataset.data_dir, PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, str(script), workdir], env=env, capture_output=True, text=True,
                           timeout=600)
