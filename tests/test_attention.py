@@ -140,7 +140,7 @@ import jax, jax.numpy as jnp, numpy as np
 from configs import smoke
 from diffusion_jax import build
 from diffusion_jax.parallel import mesh as mesh_lib
-from tests.conftest import perturbed, xla_flags
+from tests.conftest import perturbed
 outs, params = {}, None
 for impl in ("xla", "splash"):
   config = smoke.get_config()
