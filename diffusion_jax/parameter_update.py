@@ -111,7 +111,16 @@ def _is_arrays(x: Any) -> bool:
 
 def _apply(params, updates, ema_params, ema_decay, opt_state) -> Updated:
   new_params = optax.apply_updates(params, updates)
-  return Updated(new_params, optax.incremental_update(new_params, ema_params, 1.0 - ema_decay), opt_state)
+  return Updated(new_params, _ema(new_params, ema_params, ema_decay), opt_state)
+
+
+def _ema(new_params, ema_params, ema_decay):
+  """ema + (1 − decay)·(param − ema), elementwise. Where a parameter equals its EMA (a frozen subtree:
+  an autoencoder, a pretrained text encoder) the result is the EMA's bits: param − ema is exactly 0.
+  optax.incremental_update's (1 − decay)·param + decay·ema rounds, and came out one ulp off in 8% of a
+  frozen autoencoder's elements after two steps compiled by XLA:CPU at LLVM optimization level 0."""
+  step = 1.0 - ema_decay
+  return jax.tree.map(lambda p, e: (e + step * (p - e)).astype(e.dtype), new_params, ema_params)
 
 
 def _keep_if_finite(finite: jax.Array, new: Updated, old: Updated) -> Updated:
