@@ -42,6 +42,11 @@ def prediction_target(prediction_type: str, x0: jax.Array, noise: jax.Array,
   raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+  """A bfloat16 network output in float32, for the loss; float32 and float64 as they are."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def split_output(output: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
   """(prediction, variance values v or None) of a network output on x [B, …, C].
 
@@ -120,7 +125,7 @@ def hybrid_loss_terms(output: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.A
   learns only from L_simple and the variance only from L_vlb.
   """
   from diffusion_jax.diffusion import vlb  # pylint: disable=g-import-not-at-top  (vlb imports this module)
-  prediction, var_values = split_output(output.astype(jnp.float32), x0)
+  prediction, var_values = split_output(_at_least_float32(output), x0)
   if var_values is None:
     raise ValueError(f"the hybrid loss needs a learned-variance output of {2 * x0.shape[-1]} channels "
                      f"(prediction and variance); got {output.shape[-1]}")
@@ -150,7 +155,7 @@ def per_example_loss(predict_fn: Callable[[jax.Array, jax.Array], jax.Array], x0
                                         weighting=weighting, min_snr_gamma=min_snr_gamma)
     return l_simple + vlb_weight * l_vlb
   target = prediction_target(prediction_type, x0, noise, alpha_bar)
-  mse = jnp.mean((predict_fn(x_t, t).astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
+  mse = jnp.mean((_at_least_float32(predict_fn(x_t, t)) - target) ** 2, axis=tuple(range(1, x0.ndim)))
   return loss_weight(weighting, prediction_type, alpha_bar, min_snr_gamma) * mse
 
 

@@ -44,10 +44,13 @@ def mean_flat(x: jax.Array) -> jax.Array:
 def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:
   """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) in nats, elementwise (arguments broadcast).
 
-  = ½·(logvar2 − logvar1 + e^(logvar1 − logvar2) + (mean1 − mean2)²·e^(−logvar2) − 1).
+  = ½·(expm1(d) − d + (mean1 − mean2)²·e^(−logvar2)), d = logvar1 − logvar2.
+
+  expm1(d) − d, not e^d − 1 − d: near d = 0 (a learned variance close to the true one) the KL is ~d²/4,
+  and e^d − 1 in float32 loses it to an absolute rounding error of ~6e-8 (at d = 0.01, 0.2% of the KL).
   """
-  return 0.5 * (logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2) - 1.0)
+  d = logvar1 - logvar2
+  return 0.5 * (jnp.expm1(d) - d + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def _log_normal_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
