@@ -17,6 +17,7 @@ import pytest
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import attention
 from diffusion_jax.text.tokenizer import ByteTokenizer, padding_mask
+from tests.conftest import xla_flags
 
 B, T, S, H, D = 2, 16, 77, 2, 32
 
