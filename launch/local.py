@@ -57,19 +57,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA_FLAGS: simulated CPU devices.
 
 
 def process_env(process_id: int, num_processes: int, devices_per_process: int, port: int,
                 xla_flags: str = "") -> dict[str, str]:
   """The environment variables that make a training process `process_id` of a local jax.distributed job.
   `xla_flags` (the launcher's XLA_FLAGS) are passed on, but for their simulated device count."""
-  kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+  kept = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
   return {"DIFFUSION_JAX_COORDINATOR": f"127.0.0.1:{port}",
           "DIFFUSION_JAX_NUM_PROCESSES": str(num_processes),
           "DIFFUSION_JAX_PROCESS_ID": str(process_id),
           "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={devices_per_process}"])}
+          "XLA_FLAGS": " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices_per_process}"])}
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> int:

@@ -18,25 +18,25 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # float32 comparisons below float32 resolution. The README-job test (tests/test_end_to_end.py) compiles
 # at the default level: it trains 600 steps, and it is what users run. A user's own XLA_FLAGS are kept,
 # and an optimization level set there wins.
+from launch.local import DEVICE_COUNT_FLAG  # pylint: disable=g-import-not-at-top
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "").split()
 
 
 def xla_flags(device_count: int | None = None, fast_compile: bool = True) -> str:
   """XLA_FLAGS for a process a test starts: the user's flags but their device count, FAST_COMPILE_FLAG
   (unless `fast_compile` is False or the user set a level) and `device_count` simulated CPU devices if given."""
-  flags = [f for f in _USER_XLA_FLAGS if not f.startswith(_DEVICE_COUNT_FLAG)]
+  flags = [f for f in _USER_XLA_FLAGS if not f.startswith(DEVICE_COUNT_FLAG)]
   if fast_compile and not any(f.startswith("--xla_backend_optimization_level") for f in flags):
     flags.append(FAST_COMPILE_FLAG)
   if device_count is not None:
-    flags.append(f"{_DEVICE_COUNT_FLAG}={device_count}")
+    flags.append(f"{DEVICE_COUNT_FLAG}={device_count}")
   return " ".join(flags)
 
 
 # This process keeps the user's device count (e.g. 8 simulated devices for the sharding tests).
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in _USER_XLA_FLAGS if f.startswith(_DEVICE_COUNT_FLAG)] + xla_flags().split())
+    [f for f in _USER_XLA_FLAGS if f.startswith(DEVICE_COUNT_FLAG)] + xla_flags().split())
 # The digits feature network and reference statistics: trained / computed once per machine for the tests,
 # never in the user's ~/.cache.
 os.environ.setdefault("DIFFUSION_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_tests_cache"))
