@@ -278,13 +278,15 @@ class Bench:
       return self._steps.get("ours")
     p = self.preset
     _log(f"[{p.name}] train: creating our train state")
-    (state, _), create_s = _timed(lambda: self.run.create_state(jax.random.PRNGKey(0)))
+    phases = {}
+    (state, _), create_s = _timed(lambda: self.run.create_state(jax.random.PRNGKey(0), phases))
     _log(f"[{p.name}] train: compiling ours")
     # From the abstract state and batch, as a resumed job compiles (and the startup suite's fresh process):
     # the same program, so the persistent cache entry this compile writes is the one that process reads.
     made = self.compile_step(self.run, self.run.abstract_state(), self.abstract_batch())
     self._steps["ours"] = CompiledStep(made.compiled, {"state": state}, self.batch(), {
-        "create_state_s": create_s, "compile_s": made.compile_s, "lower_s": made.lower_s,
+        "create_state_s": create_s, "create_state_phases_s": phases, "compile_s": made.compile_s,
+        "lower_s": made.lower_s,
         "step_gflop": _gflop(_cost_flops(made.compiled)), "peak_mib": _peak_mib(made.compiled)}, made.lowered)
     return self._steps["ours"]
 
@@ -496,7 +498,9 @@ def compile_in_this_process(name: str, dtype: str, attention: str, process_start
   bench = Bench(presets.get(name), dtype, attention)
   out = {}
   if create_state:
-    state, out["create_state_s"] = _timed(lambda: bench.run.create_state(jax.random.PRNGKey(0))[0])
+    out["create_state_phases_s"] = {}
+    state, out["create_state_s"] = _timed(
+        lambda: bench.run.create_state(jax.random.PRNGKey(0), out["create_state_phases_s"])[0])
     del state
   start = time.perf_counter()
   lowered = bench.lower_step(bench.run, bench.run.abstract_state(), bench.abstract_batch())
@@ -551,7 +555,7 @@ def bench_startup(bench: Bench, cache_dir: str = "") -> dict:
       if "error" in child:
         out[f"{which}_cache_error"] = child["error"]
         break
-      for key in ("compile_s", "create_state_s", "process_s"):
+      for key in ("compile_s", "create_state_s", "create_state_phases_s", "process_s"):
         out[f"{which}_cache_{key}"] = child[key]
   return out
 
@@ -874,6 +878,8 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
           train.get("peer_our_options_images_per_s"), train.get("ratio_vs_peer_our_options"))
       row("train", "compile s", train.get("compile_s"), train.get("peer_compile_s"))
       row("train", "create_state s", train.get("create_state_s"))
+      for phase, phase_s in (train.get("create_state_phases_s") or {}).items():
+        row("train", f"  of which {phase} s", phase_s)
       row("train", "U-Net params", train.get("unet_params"), train.get("peer_unet_params"),
           train.get("unet_params_equal"))
       row("train", "U-Net forward GFLOP", train.get("forward_gflop"), train.get("peer_forward_gflop"),
@@ -902,6 +908,8 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
       row("startup", "compile s (in process)", startup.get("compile_s"))
       row("startup", "create_state s, cache cold", startup.get("cold_cache_create_state_s"))
       row("startup", "create_state s, cache warm", startup.get("warm_cache_create_state_s"))
+      for phase, phase_s in (startup.get("warm_cache_create_state_phases_s") or {}).items():
+        row("startup", f"  of which {phase} s", phase_s)
       row("startup", "compile s, cache cold", startup.get("cold_cache_compile_s"))
       row("startup", "compile s, cache warm", startup.get("warm_cache_compile_s"))
       row("startup", "process s, cache cold", startup.get("cold_cache_process_s"))

@@ -46,10 +46,11 @@ class Run:
   conditioning: Any  # conditioning.TextConditioning | ClassConditioning | NoConditioning
   autoencoder: autoencoder_lib.PixelSpace | autoencoder_lib.LatentSpace
 
-  def create_state(self, rng: Any) -> tuple[Any, Any]:
-    """(a fresh TrainState initialized directly in its sharded layout on this run's mesh, its shardings)."""
+  def create_state(self, rng: Any, seconds: dict[str, float] | None = None) -> tuple[Any, Any]:
+    """(a fresh TrainState initialized directly in its sharded layout on this run's mesh, its shardings);
+    `seconds`: see train_state.create_train_state."""
     return train_state.create_train_state(rng, self.model, self.optimizer, self.mesh, self.rules,
-                                          self.config.mesh.replicate_indivisible)
+                                          self.config.mesh.replicate_indivisible, seconds=seconds)
 
   def abstract_state(self, replicate_indivisible: bool | None = None) -> Any:
     """The train state's ShapeDtypeStructs with shardings on this run's mesh (for restoring)."""

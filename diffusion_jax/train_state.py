@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 import zlib
 
@@ -101,8 +102,9 @@ _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expe
 
 def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                        mesh, rules, replicate_indivisible: bool = False,
-                       on_host: bool | None = None) -> tuple[TrainState, Any]:
-  """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings).
+                       on_host: bool | None = None, seconds: dict[str, float] | None = None
+                       ) -> tuple[TrainState, Any]:
+  """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings), computed.
 
   On a CPU mesh every leaf is initialized directly on its shards. On an accelerator (`on_host` None:
   chosen so; True/False: forced) the same program runs on the host's CPU and each device receives its
@@ -113,7 +115,12 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   With several processes each runs the host program on its own CPU; the processes then compare a CRC-32
   of every leaf, and if any differ (hosts whose CPUs round differently) all fall back to initializing on
   the devices, so that replicas never start from different values.
+
+  Where the time went is logged, and added to `seconds` if given: "trace" (shapes, shardings, tracing and
+  lowering), "compile", "run", and on the host path "place" (the transfers to the devices) and, with
+  several processes, "compare" (the CRC check).
   """
+  clock = _PhaseClock(seconds)
   shapes = _boxed_shapes(model, tx)
   shardings = mesh_lib.logical_to_sharding(shapes, mesh, rules, replicate_indivisible=replicate_indivisible)
   platform = mesh.devices.flat[0].platform
@@ -125,15 +132,55 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   if on_host:
     host_rng = jax.device_put(rng, host_cpu)
     # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
-    host_state = jax.jit(init_fn).lower(host_rng).compile(compiler_options=cpu_options)(host_rng)
-    if equal_on_all_processes(host_state):
-      return jax.tree.map(_place_from_host, host_state, shardings), shardings
+    lowered = jax.jit(init_fn).lower(host_rng)
+    clock.lap("trace")
+    compiled = lowered.compile(compiler_options=cpu_options)
+    clock.lap("compile")
+    host_state = jax.block_until_ready(compiled(host_rng))
+    clock.lap("run")
+    equal = equal_on_all_processes(host_state)
+    if jax.process_count() > 1:
+      clock.lap("compare")
+    if equal:
+      state = jax.block_until_ready(jax.tree.map(_place_from_host, host_state, shardings))
+      clock.lap("place")
+      logging.info("Train state (%.2f GiB) created on the host CPU: %s.", _nbytes(shapes) / 2**30, clock)
+      return state, shardings
     logging.warning("The state initialized on the host CPUs differs between processes; initializing it on "
                     "the devices instead (slower to compile, equal everywhere).")
   options = cpu_options if platform == "cpu" else compiler.options(platform)
   init = jax.jit(init_fn, out_shardings=shardings)
   with mesh_lib.activate(mesh, rules):
-    return init.lower(rng).compile(compiler_options=options or None)(rng), shardings
+    lowered = init.lower(rng)
+  clock.lap("trace")
+  compiled = lowered.compile(compiler_options=options or None)
+  clock.lap("compile")
+  state = jax.block_until_ready(compiled(rng))
+  clock.lap("run")
+  logging.info("Train state (%.2f GiB) created on the %s devices: %s.", _nbytes(shapes) / 2**30, platform, clock)
+  return state, shardings
+
+
+class _PhaseClock:
+  """Seconds per named phase since the previous lap (a phase lapped twice adds up), kept in `seconds`."""
+
+  def __init__(self, seconds: dict[str, float] | None = None):
+    self.seconds = {} if seconds is None else seconds
+    self._since = time.perf_counter()
+
+  def lap(self, phase: str) -> None:
+    now = time.perf_counter()
+    self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._since
+    self._since = now
+
+  def __str__(self) -> str:
+    return ", ".join([f"{sum(self.seconds.values()):.1f} s in all"] +
+                     [f"{phase} {s:.1f} s" for phase, s in self.seconds.items()])
+
+
+def _nbytes(shapes: Any) -> int:
+  """Bytes of the arrays (or ShapeDtypeStructs, boxed or not) in `shapes`."""
+  return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
 def _place_from_host(value: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -158,7 +205,7 @@ def equal_on_all_processes(tree: Any) -> bool:
 def _fits_in_host_memory(shapes: Any) -> bool:
   """Whether a whole copy of `shapes` (ShapeDtypeStructs) takes at most half of the host's available
   memory: every process holds the whole state on the host path, which must not get a host killed."""
-  state_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
+  state_bytes = _nbytes(shapes)
   available = _available_host_memory()
   if available is None:  # No way to tell: do not risk it.
     return False

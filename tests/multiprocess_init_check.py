@@ -18,9 +18,9 @@ from diffusion_jax.parallel import distributed
 from tests.conftest import tiny_config
 
 
-def create(run, on_host, mesh=None):
+def create(run, on_host, mesh=None, seconds=None):
   return train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, mesh or run.mesh,
-                                        run.rules, replicate_indivisible=True, on_host=on_host)
+                                        run.rules, replicate_indivisible=True, on_host=on_host, seconds=seconds)
 
 
 def global_values(tree):
@@ -37,7 +37,8 @@ def main():
   config = tiny_config()
   config.mesh.shape = (1, -1, 1)  # fsdp over all 4 devices: each process holds half of each split array.
   run = build.build(config)
-  from_host, shardings = create(run, on_host=True)
+  host_seconds = {}
+  from_host, shardings = create(run, on_host=True, seconds=host_seconds)
   on_devices, _ = create(run, on_host=False)
   # The host program's values: the same program on this process's first device alone.
   local_run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.local_devices()[:1])
@@ -50,6 +51,7 @@ def main():
                                         for a, b in zip(host_values, device_values)),
       "same_shardings": all(a.sharding == s
                             for a, s in zip(jax.tree.leaves(from_host), jax.tree.leaves(shardings))),
+      "host_phases": list(host_seconds),
       "split_leaves": sum(not a.sharding.is_fully_replicated for a in jax.tree.leaves(from_host.params)),
   }
   # The guard: equal trees pass; one bit flipped in one element on process 1 fails on every process.

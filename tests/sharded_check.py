@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,16 +72,22 @@ def restore_on_other_meshes(config, state):
 def compare_host_init(config, shape):
   """The state initialized on the host CPU and copied to its shards on `shape` (what one process on an
   accelerator does) against the state initialized on those shards, and on one device."""
+  phases = {}  # Per path: (the phases create_train_state timed, their sum, the call's wall seconds).
+
   def create(shape, devices, on_host):
     config.mesh.shape = shape
     run = build.build(config, devices=devices)
-    return train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules,
-                                          config.mesh.replicate_indivisible, on_host=on_host)
+    seconds, start = {}, time.perf_counter()
+    created = train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh,
+                                             run.rules, config.mesh.replicate_indivisible, on_host=on_host,
+                                             seconds=seconds)
+    phases["host" if on_host else "devices"] = (list(seconds), sum(seconds.values()), time.perf_counter() - start)
+    return created
   from_host, shardings = create(shape, jax.devices(), True)
   on_shards, _ = create(shape, jax.devices(), False)
   on_one_device, _ = create((1, 1, 1), jax.devices()[:1], False)
   host = [np.asarray(x) for x in jax.tree.leaves(from_host)]
-  return {"leaves": len(host),
+  return {"leaves": len(host), "phases": phases,
           "bit_identical_to_one_device": all(np.array_equal(a, np.asarray(b))
                                              for a, b in zip(host, jax.tree.leaves(on_one_device))),
           "max_abs_diff_to_on_shards": max(float(np.abs(a.astype(np.float64) - np.asarray(b, np.float64)).max())

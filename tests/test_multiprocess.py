@@ -83,6 +83,7 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   assert report["bit_identical_to_one_device"], report
   assert report["max_abs_diff_to_on_devices"] < 1.2e-7, report  # One float32 ulp of a value below 1.
   assert report["equal_trees_pass"] and report["one_flipped_bit_fails"], report
+  assert report["host_phases"] == ["trace", "compile", "run", "compare", "place"], report  # As logged.
   assert report["fallback_checked_once"] and report["fallback_bit_identical_to_on_devices"], report
   assert report["same_report_on_all_processes"], report
 
