@@ -71,20 +71,24 @@ def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTran
 
 
 def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
-                abstract: bool = False) -> TrainState:
-  """Boxed (nn.Partitioned) state: logical axis names travel with the leaves. `abstract`: for eval_shape
-  only (the same shapes, without tracing the model a second time to pool the random draws)."""
+                counts: dict | None = None, abstract: bool = False) -> TrainState:
+  """Boxed (nn.Partitioned) state: logical axis names travel with the leaves. `counts`: the pooled draws'
+  counts (`initializers.recording`, as `_boxed_shapes` records them), else counted here by one more trace.
+  `abstract`: for eval_shape only (the same shapes, without pooling the random draws)."""
   init_rng, state_rng = jax.random.split(rng)
   init_params = lambda r: model.init(r, *model.dummy_inputs())["params"]
-  params = init_params(init_rng) if abstract else initializers.pooled(init_params, init_rng)
+  params = init_params(init_rng) if abstract else initializers.pooled(init_params, init_rng, counts)
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=state_rng,
                     nonfinite_steps=zero, nonfinite_streak=zero)
 
 
-def _boxed_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> Any:
-  """The TrainState as ShapeDtypeStructs, boxed with the parameters' logical axis names (no compute)."""
-  return jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
+def _boxed_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> tuple[Any, dict]:
+  """The TrainState as ShapeDtypeStructs, boxed with the parameters' logical axis names (no compute), and
+  the pooled draws' counts, recorded in the same trace."""
+  with initializers.recording() as counts:
+    shapes = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
+  return shapes, counts
 
 
 # The initializer runs once, but compiling it is most of the state's creation time, and nearly all of that
@@ -121,13 +125,13 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   several processes, "compare" (the CRC check).
   """
   clock = _PhaseClock(seconds)
-  shapes = _boxed_shapes(model, tx)
+  shapes, counts = _boxed_shapes(model, tx)
   shardings = mesh_lib.logical_to_sharding(shapes, mesh, rules, replicate_indivisible=replicate_indivisible)
   platform = mesh.devices.flat[0].platform
   host_cpu = _host_cpu()
   if on_host is None:
     on_host = platform != "cpu" and host_cpu is not None and _fits_in_host_memory(nn.unbox(shapes))
-  init_fn = lambda r: nn.unbox(_init_state(r, model, tx))
+  init_fn = lambda r: nn.unbox(_init_state(r, model, tx, counts))
   cpu_options = {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
   if on_host:
     host_rng = jax.device_put(rng, host_cpu)
@@ -243,7 +247,7 @@ def _host_cpu() -> Any:
 def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
                          replicate_indivisible: bool = False) -> Any:
   """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
-  boxed = _boxed_shapes(model, tx)
+  boxed, _ = _boxed_shapes(model, tx)
   shardings = mesh_lib.logical_to_sharding(boxed, mesh, rules, replicate_indivisible=replicate_indivisible)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
                       shardings)

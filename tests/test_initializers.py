@@ -96,3 +96,38 @@ def test_an_init_function_that_changes_between_passes_is_an_error():
 
   with pytest.raises(RuntimeError, match="deterministic"):
     initializers.pooled(init, jax.random.PRNGKey(0))
+
+
+def test_counts_recorded_while_tracing_for_shapes_spare_pooled_its_counting_trace():
+  """train_state traces the initializer once for the state's shapes and shardings, recording the counts
+  there; `pooled` given them traces init_fn once (not twice) and draws the same bits."""
+  model, key = _Net(), jax.random.PRNGKey(0)
+  traces = []
+  # A new function object per use: JAX caches traces by function, and a cached trace records nothing.
+  new_init = lambda: lambda r: traces.append(1) or nn.unbox(model.init(r, jnp.zeros((2, 256)))["params"])
+  with initializers.recording() as counts:
+    jax.eval_shape(new_init(), key)
+  assert list(counts.values()) == [2, 2, 1, 1] and len(traces) == 1  # (a, b), (c, d), conv, table
+  init = new_init()
+  with_counts = jax.jit(lambda r: initializers.pooled(init, r, counts))(key)
+  assert len(traces) == 2
+  init = new_init()
+  jax.tree.map(np.testing.assert_array_equal, with_counts, jax.jit(lambda r: initializers.pooled(init, r))(key))
+  assert len(traces) == 4  # Counting, then dispensing.
+  # Counts of another function are refused, not silently misassigned.
+  with initializers.recording() as other:
+    jax.eval_shape(lambda r: nn.unbox(initializers.lecun_normal((None, None))(r, (256, 256))), key)
+  with pytest.raises(RuntimeError, match="counts` must come from recording the same function"):
+    initializers.pooled(new_init(), key, other)
+
+
+def test_creating_a_train_state_traces_the_model_init_twice():
+  """Once for the shapes, shardings and pooled counts, once to draw: the counting trace is shared."""
+  from diffusion_jax import build, train_state  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  run = build.build(tiny_config())
+  traces = []
+  original_init = run.model.init
+  object.__setattr__(run.model, "init", lambda *a, **k: traces.append(1) or original_init(*a, **k))
+  train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules)
+  assert len(traces) == 2

@@ -49,8 +49,11 @@ def _draw_unit(key: jax.Array, distribution: str, shape: tuple[int, ...]) -> jax
   return jax.random.normal(key, shape, jnp.float32)
 
 
+_SAME_FN = ", and `counts` must come from recording the same function"
+
+
 class _Recorder:
-  """First pass (abstract): counts each group's members in creation order."""
+  """The counting pass (abstract): counts each group's members in creation order."""
 
   def __init__(self):
     self.counts: dict[_Group, int] = {}
@@ -61,7 +64,7 @@ class _Recorder:
 
 
 class _Dispenser:
-  """Second pass: hands out the rows of each group's single draw, in the order the first pass saw."""
+  """Second pass: hands out the rows of each group's single draw, in the order the counting pass saw."""
 
   def __init__(self, draws: dict[_Group, jax.Array]):
     self.draws = draws
@@ -70,8 +73,8 @@ class _Dispenser:
   def take(self, group: _Group) -> jax.Array:
     draw, index = self.draws.get(group), self.taken.get(group, 0)
     if draw is None or index >= draw.shape[0]:
-      raise RuntimeError(f"pooled initialization: the second pass created an array the first did not "
-                         f"count ({group}); the initializer function must be deterministic")
+      raise RuntimeError(f"pooled initialization: the second pass created an array the counting pass did "
+                         f"not count ({group}); the initializer function must be deterministic{_SAME_FN}")
     self.taken[group] = index + 1
     return draw[index]
 
@@ -88,26 +91,38 @@ def _using(pool: _Recorder | _Dispenser) -> Iterator[None]:
     _POOL.reset(token)
 
 
-def pooled(init_fn: Callable[[jax.Array], Any], rng: jax.Array) -> Any:
+@contextlib.contextmanager
+def recording() -> Iterator[dict[_Group, int]]:
+  """Within it, the initializers count their arrays per group (and return zeros): trace the initializer
+  function abstractly (jax.eval_shape) inside, then hand the yielded counts to `pooled`. This lets a
+  caller that traces the initializer anyway for its shapes (train_state: the state's shardings) spare
+  `pooled` its own counting trace of the whole model."""
+  recorder = _Recorder()
+  with _using(recorder):
+    yield recorder.counts
+
+
+def pooled(init_fn: Callable[[jax.Array], Any], rng: jax.Array, counts: dict[_Group, int] | None = None) -> Any:
   """init_fn(rng) with the draws of this module's initializers pooled per group.
 
   init_fn must create the same arrays in the same order every call (a Flax `model.init` does). Group i,
   numbered by first appearance, draws from fold_in(rng, i), so the values are a function of rng alone,
-  whatever the mesh; they are not the values an unpooled init_fn(rng) gives.
+  whatever the mesh; they are not the values an unpooled init_fn(rng) gives. `counts`: what `recording`
+  counted for this init_fn; without it, init_fn is first traced abstractly to count.
   """
-  recorder = _Recorder()
-  with _using(recorder):
-    jax.eval_shape(init_fn, rng)
+  if counts is None:
+    with recording() as counts:
+      jax.eval_shape(init_fn, rng)
   draws = {}
-  for i, (group, count) in enumerate(recorder.counts.items()):
+  for i, (group, count) in enumerate(counts.items()):
     draw = _draw_unit(jax.random.fold_in(rng, i), group.distribution, (count, *group.shape))
     draws[group] = nn.with_logical_constraint(draw, (None, *group.axes))
   dispenser = _Dispenser(draws)
   with _using(dispenser):
     out = init_fn(rng)
-  if dispenser.taken != recorder.counts:
-    raise RuntimeError("pooled initialization: the second pass created fewer arrays than the first; "
-                       "the initializer function must be deterministic")
+  if dispenser.taken != counts:
+    raise RuntimeError("pooled initialization: the second pass created fewer arrays than the counting pass; "
+                       f"the initializer function must be deterministic{_SAME_FN}")
   return out
 
 
