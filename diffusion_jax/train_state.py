@@ -108,7 +108,8 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
                        mesh, rules, replicate_indivisible: bool = False,
                        on_host: bool | None = None, seconds: dict[str, float] | None = None
                        ) -> tuple[TrainState, Any]:
-  """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings), computed.
+  """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings) once the state
+  is computed and placed (waiting here times the phases; the first step would wait for it anyway).
 
   On a CPU mesh every leaf is initialized directly on its shards. On an accelerator (`on_host` None:
   chosen so; True/False: forced) the same program runs on the host's CPU and each device receives its
