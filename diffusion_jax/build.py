@@ -11,6 +11,7 @@ metadata, and the input pipeline is built by the training job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -46,16 +47,24 @@ class Run:
   conditioning: Any  # conditioning.TextConditioning | ClassConditioning | NoConditioning
   autoencoder: autoencoder_lib.PixelSpace | autoencoder_lib.LatentSpace
 
+  @functools.cached_property
+  def state_shapes(self) -> train_state.StateShapes:
+    """The train state's boxed shapes and pooled-draw counts: the model's init traced once per Run, shared
+    by abstract_state (a training job's restore target and compile) and create_state."""
+    return train_state.state_shapes(self.model, self.optimizer)
+
   def create_state(self, rng: Any, seconds: dict[str, float] | None = None) -> tuple[Any, Any]:
     """(a fresh TrainState initialized directly in its sharded layout on this run's mesh, its shardings);
     `seconds`: see train_state.create_train_state."""
     return train_state.create_train_state(rng, self.model, self.optimizer, self.mesh, self.rules,
-                                          self.config.mesh.replicate_indivisible, seconds=seconds)
+                                          self.config.mesh.replicate_indivisible, seconds=seconds,
+                                          shapes=self.state_shapes)
 
   def abstract_state(self, replicate_indivisible: bool | None = None) -> Any:
     """The train state's ShapeDtypeStructs with shardings on this run's mesh (for restoring)."""
     replicate = self.config.mesh.replicate_indivisible if replicate_indivisible is None else replicate_indivisible
-    return train_state.abstract_train_state(self.model, self.optimizer, self.mesh, self.rules, replicate)
+    return train_state.abstract_train_state(self.model, self.optimizer, self.mesh, self.rules, replicate,
+                                            shapes=self.state_shapes)
 
 
 def create_conditioning(config, dataset: registry.DatasetSpec):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -73,7 +74,7 @@ def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTran
 def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                 counts: dict | None = None, abstract: bool = False) -> TrainState:
   """Boxed (nn.Partitioned) state: logical axis names travel with the leaves. `counts`: the pooled draws'
-  counts (`initializers.recording`, as `_boxed_shapes` records them), else counted here by one more trace.
+  counts (`initializers.recording`, as `state_shapes` records them), else counted here by one more trace.
   `abstract`: for eval_shape only (the same shapes, without pooling the random draws)."""
   init_rng, state_rng = jax.random.split(rng)
   init_params = lambda r: model.init(r, *model.dummy_inputs())["params"]
@@ -83,12 +84,21 @@ def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransfo
                     nonfinite_steps=zero, nonfinite_streak=zero)
 
 
-def _boxed_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> tuple[Any, dict]:
-  """The TrainState as ShapeDtypeStructs, boxed with the parameters' logical axis names (no compute), and
-  the pooled draws' counts, recorded in the same trace."""
+@dataclasses.dataclass(frozen=True)
+class StateShapes:
+  """One abstract trace of the state's initializer: `boxed`, the TrainState as ShapeDtypeStructs boxed
+  with the parameters' logical axis names (no compute), and `counts`, the pooled draws' counts recorded in
+  the same trace (`initializers.recording`). A model's init is its costliest trace (1.2 s at the SD 2.1
+  layout on a 2-core CPU), so a run traces it for this once and shares it (build.Run.state_shapes)."""
+
+  boxed: Any
+  counts: dict
+
+
+def state_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> StateShapes:
   with initializers.recording() as counts:
-    shapes = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
-  return shapes, counts
+    boxed = jax.eval_shape(lambda: _init_state(jax.random.PRNGKey(0), model, tx, abstract=True))
+  return StateShapes(boxed, counts)
 
 
 # The initializer runs once, but compiling it is most of the state's creation time, and nearly all of that
@@ -106,8 +116,8 @@ _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expe
 
 def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                        mesh, rules, replicate_indivisible: bool = False,
-                       on_host: bool | None = None, seconds: dict[str, float] | None = None
-                       ) -> tuple[TrainState, Any]:
+                       on_host: bool | None = None, seconds: dict[str, float] | None = None,
+                       shapes: StateShapes | None = None) -> tuple[TrainState, Any]:
   """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings) once the state
   is computed and placed (waiting here times the phases; the first step would wait for it anyway).
 
@@ -123,10 +133,11 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
 
   Where the time went is logged, and added to `seconds` if given: "trace" (shapes, shardings, tracing and
   lowering), "compile", "run", and on the host path "place" (the transfers to the devices) and, with
-  several processes, "compare" (the CRC check).
+  several processes, "compare" (the CRC check). `shapes`: `state_shapes(model, tx)` if already traced.
   """
   clock = _PhaseClock(seconds)
-  shapes, counts = _boxed_shapes(model, tx)
+  traced = shapes or state_shapes(model, tx)
+  shapes, counts = traced.boxed, traced.counts
   shardings = mesh_lib.logical_to_sharding(shapes, mesh, rules, replicate_indivisible=replicate_indivisible)
   platform = mesh.devices.flat[0].platform
   host_cpu = _host_cpu()
@@ -246,9 +257,10 @@ def _host_cpu() -> Any:
 
 
 def abstract_train_state(model: DiffusionModel, tx: optax.GradientTransformation, mesh, rules,
-                         replicate_indivisible: bool = False) -> Any:
-  """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint."""
-  boxed, _ = _boxed_shapes(model, tx)
+                         replicate_indivisible: bool = False, shapes: StateShapes | None = None) -> Any:
+  """ShapeDtypeStructs with shardings: the target structure for restoring a checkpoint. `shapes`:
+  `state_shapes(model, tx)` if already traced."""
+  boxed = (shapes or state_shapes(model, tx)).boxed
   shardings = mesh_lib.logical_to_sharding(boxed, mesh, rules, replicate_indivisible=replicate_indivisible)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
                       shardings)

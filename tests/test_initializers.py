@@ -122,7 +122,8 @@ def test_counts_recorded_while_tracing_for_shapes_spare_pooled_its_counting_trac
 
 
 def test_creating_a_train_state_traces_the_model_init_twice():
-  """Once for the shapes, shardings and pooled counts, once to draw: the counting trace is shared."""
+  """Once for the shapes, shardings and pooled counts, once to draw: the counting trace is shared, and a
+  Run shares it between its abstract state (a training job's restore target) and its fresh state."""
   from diffusion_jax import build, train_state  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   run = build.build(tiny_config())
@@ -131,3 +132,10 @@ def test_creating_a_train_state_traces_the_model_init_twice():
   object.__setattr__(run.model, "init", lambda *a, **k: traces.append(1) or original_init(*a, **k))
   train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules)
   assert len(traces) == 2
+  traces.clear()
+  abstract = run.abstract_state()
+  run.abstract_state(replicate_indivisible=True)
+  state, _ = run.create_state(jax.random.PRNGKey(0))
+  assert len(traces) == 2
+  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abstract) == jax.tree.map(
+      lambda a: (a.shape, a.dtype, a.sharding), state)
