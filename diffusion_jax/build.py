@@ -58,7 +58,7 @@ class Run:
     `seconds`: see train_state.create_train_state."""
     return train_state.create_train_state(rng, self.model, self.optimizer, self.mesh, self.rules,
                                           self.config.mesh.replicate_indivisible, seconds=seconds,
-                                          shapes=self.state_shapes)
+                                          shapes=lambda: self.state_shapes)
 
   def abstract_state(self, replicate_indivisible: bool | None = None) -> Any:
     """The train state's ShapeDtypeStructs with shardings on this run's mesh (for restoring)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 import zlib
 
 from absl import logging
@@ -72,13 +72,13 @@ def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTran
 
 
 def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
-                counts: dict | None = None, abstract: bool = False) -> TrainState:
+                counts: dict | None = None, abstract: bool = False, draws: list | None = None) -> TrainState:
   """Boxed (nn.Partitioned) state: logical axis names travel with the leaves. `counts`: the pooled draws'
   counts (`initializers.recording`, as `state_shapes` records them), else counted here by one more trace.
   `abstract`: for eval_shape only (the same shapes, without pooling the random draws)."""
   init_rng, state_rng = jax.random.split(rng)
   init_params = lambda r: model.init(r, *model.dummy_inputs())["params"]
-  params = init_params(init_rng) if abstract else initializers.pooled(init_params, init_rng, counts)
+  params = init_params(init_rng) if abstract else initializers.pooled(init_params, init_rng, counts, draws)
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=state_rng,
                     nonfinite_steps=zero, nonfinite_streak=zero)
@@ -101,58 +101,68 @@ def state_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> Sta
   return StateShapes(boxed, counts)
 
 
-# The initializer runs once, but compiling it is most of the state's creation time, and nearly all of that
-# compile is the random draws: a threefry hash and an inverse-CDF transform compiled per draw.
-# models/initializers.pooled makes one draw per group of alike arrays (92 kernels -> 24 draws at
-# configs/smoke.py, 251 -> 51 at the SD 2.1 layout), and on the CPU the program is compiled without LLVM's
-# optimizations, for a program that runs for a fraction of a second. State creation at smoke, timed in one
-# process: per-array draws, optimized 26.6 s; per-array, O0 13.7 s; pooled, O0 8.6 s
-# (of which the compile 5.9 s; optimized, the pooled draws still take 17.1 s to compile). Values are a
-# deterministic function of the seed, equal on every mesh (the same per-element code runs on each shard)
-# but for the last bit where XLA fuses an array's scaling differently (a replicated, indivisible kernel on
-# 8 devices: tests/test_parallel.py); they differ from an optimized build's in the last bits.
+# Compiling the initializer was most of a state's creation time, nearly all of it the random draws: a
+# threefry hash and an inverse-CDF transform compiled per draw. models/initializers.pooled makes one draw
+# per group of alike arrays (92 kernels -> 24 draws at configs/smoke.py, 251 -> 51 at the SD 2.1 layout),
+# and the draws are made on the host by numpy wherever they fit in its memory (`draw_on_host`), so that
+# the compiled program only scales, copies and zeroes. On the CPU it is compiled without LLVM's
+# optimizations: at sd21 on 2 cores that compile takes 2.5 s against 4.8 s optimized, for the same run.
 _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                        mesh, rules, replicate_indivisible: bool = False,
                        on_host: bool | None = None, seconds: dict[str, float] | None = None,
-                       shapes: StateShapes | None = None) -> tuple[TrainState, Any]:
+                       shapes: Callable[[], StateShapes] | None = None, draw_on_host: bool | None = None
+                       ) -> tuple[TrainState, Any]:
   """A fresh TrainState laid out in its shardings on `mesh`; returns (state, its shardings) once the state
   is computed and placed (waiting here times the phases; the first step would wait for it anyway).
 
-  On a CPU mesh every leaf is initialized directly on its shards. On an accelerator (`on_host` None:
-  chosen so; True/False: forced) the same program runs on the host's CPU and each device receives its
-  slices of the result: XLA:GPU compiled the initializer of the SD 2.1 layout in 221 s on an H200 host
-  (about a thousand draw, scale and copy kernels, each through LLVM and ptxas), where XLA:CPU without
-  LLVM's optimizations compiles it in 7 s and runs it in 57 s on 2 cores (the path is not yet timed on a
-  GPU host, whose 16 cores share the run). The values are the CPU program's, the same as a CPU run's.
-  With several processes each runs the host program on its own CPU; the processes then compare a CRC-32
-  of every leaf, and if any differ (hosts whose CPUs round differently) all fall back to initializing on
-  the devices, so that replicas never start from different values.
+  The random draws (one per group of alike arrays, `initializers.pooled`) are made by numpy on the host's
+  cores (`draw_on_host` None: wherever they fit in half the host's available memory; True/False: forced),
+  a function of `rng` alone; else by threefry in the compiled program (a pod-sized model: other values).
+  On a CPU mesh every leaf is then computed directly on its shards. On an accelerator (`on_host` None:
+  chosen so; True/False: forced) the program runs on the host's CPU and each device receives its slices
+  of the result: XLA:GPU compiled the SD 2.1 initializer with threefry's draws in 221 s on an H200 host
+  (about a thousand draw, scale and copy kernels, each through LLVM and ptxas), where XLA:CPU compiles it
+  without draws in 2.5 s. The values are bit for bit those of a CPU run.
+  With several processes each draws (and on the host path computes the state) on its own host; the
+  processes then compare a CRC-32 of every draw (or leaf), and if any differ (hosts whose CPUs round
+  differently) all fall back to threefry's draws on the devices, so that replicas never start from
+  different values.
 
   Where the time went is logged, and added to `seconds` if given: "trace" (shapes, shardings, tracing and
-  lowering), "compile", "run", and on the host path "place" (the transfers to the devices) and, with
-  several processes, "compare" (the CRC check). `shapes`: `state_shapes(model, tx)` if already traced.
+  lowering), "draw" (numpy's draws), "compile", "run", "place" (the transfers to the devices) and, with
+  several processes, "compare" (the CRC check). `shapes`: gives `state_shapes(model, tx)`, kept from an
+  earlier trace (build.Run.state_shapes); called within the trace phase.
   """
   clock = _PhaseClock(seconds)
-  traced = shapes or state_shapes(model, tx)
+  traced = shapes() if shapes else state_shapes(model, tx)
   shapes, counts = traced.boxed, traced.counts
   shardings = mesh_lib.logical_to_sharding(shapes, mesh, rules, replicate_indivisible=replicate_indivisible)
   platform = mesh.devices.flat[0].platform
   host_cpu = _host_cpu()
+  draw_shapes = [jax.ShapeDtypeStruct((count, *group.shape), jnp.float32) for group, count in counts.items()]
+  if draw_on_host is None:
+    draw_on_host = host_cpu is not None and _fits_in_host_memory(draw_shapes, "random draws")
   if on_host is None:
-    on_host = platform != "cpu" and host_cpu is not None and _fits_in_host_memory(nn.unbox(shapes))
-  init_fn = lambda r: nn.unbox(_init_state(r, model, tx, counts))
+    on_host = (platform != "cpu" and draw_on_host
+               and _fits_in_host_memory((nn.unbox(shapes), draw_shapes), "train state and its draws"))
+  clock.lap("trace")
+  draws = initializers.draw_on_host(rng, counts) if draw_on_host else None
+  if draws is not None:
+    clock.lap("draw")
+  init_fn = lambda r, d: nn.unbox(_init_state(r, model, tx, counts, draws=d))
   cpu_options = {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
   if on_host:
-    host_rng = jax.device_put(rng, host_cpu)
+    host_rng, host_draws = jax.device_put((rng, draws), host_cpu)
     # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
-    lowered = jax.jit(init_fn).lower(host_rng)
+    lowered = jax.jit(init_fn).lower(host_rng, host_draws)
     clock.lap("trace")
     compiled = lowered.compile(compiler_options=cpu_options)
     clock.lap("compile")
-    host_state = jax.block_until_ready(compiled(host_rng))
+    host_state = jax.block_until_ready(compiled(host_rng, host_draws))
+    del draws, host_draws
     clock.lap("run")
     equal = equal_on_all_processes(host_state)
     if jax.process_count() > 1:
@@ -163,15 +173,32 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
       logging.info("Train state (%.2f GiB) created on the host CPU: %s.", _nbytes(shapes) / 2**30, clock)
       return state, shardings
     logging.warning("The state initialized on the host CPUs differs between processes; initializing it on "
-                    "the devices instead (slower to compile, equal everywhere).")
+                    "the devices with threefry's draws instead (other values, equal everywhere).")
+    draws = None
+  elif draws is not None and jax.process_count() > 1:
+    equal = equal_on_all_processes(draws)
+    clock.lap("compare")
+    if not equal:
+      logging.warning("The random draws made on the hosts differ between processes; drawing on the devices "
+                      "with threefry instead (other values, equal everywhere).")
+      draws = None
   options = cpu_options if platform == "cpu" else compiler.options(platform)
+  draw_shardings = None
+  if draws is not None:
+    boxed_draws = [nn.Partitioned(s, names=(None, *group.axes)) for s, group in zip(draw_shapes, counts)]
+    draw_shardings = mesh_lib.logical_to_sharding(boxed_draws, mesh, rules,
+                                                  replicate_indivisible=replicate_indivisible)
   init = jax.jit(init_fn, out_shardings=shardings)
   with mesh_lib.activate(mesh, rules):
-    lowered = init.lower(rng)
+    lowered = init.lower(rng, None if draws is None else [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in zip(draw_shapes, draw_shardings)])
   clock.lap("trace")
   compiled = lowered.compile(compiler_options=options or None)
   clock.lap("compile")
-  state = jax.block_until_ready(compiled(rng))
+  if draws is not None:
+    draws = jax.block_until_ready(jax.tree.map(_place_from_host, draws, draw_shardings))
+    clock.lap("place")
+  state = jax.block_until_ready(compiled(rng, draws))
   clock.lap("run")
   logging.info("Train state (%.2f GiB) created on the %s devices: %s.", _nbytes(shapes) / 2**30, platform, clock)
   return state, shardings
@@ -218,16 +245,16 @@ def equal_on_all_processes(tree: Any) -> bool:
   return bool((gathered == gathered[0]).all())
 
 
-def _fits_in_host_memory(shapes: Any) -> bool:
+def _fits_in_host_memory(shapes: Any, what: str) -> bool:
   """Whether a whole copy of `shapes` (ShapeDtypeStructs) takes at most half of the host's available
-  memory: every process holds the whole state on the host path, which must not get a host killed."""
+  memory: every process holds it whole on the host, which must not get a host killed."""
   state_bytes = _nbytes(shapes)
   available = _available_host_memory()
   if available is None:  # No way to tell: do not risk it.
     return False
   if 2 * state_bytes > available:
-    logging.info("The train state (%.1f GiB) is over half the host's available memory (%.1f GiB): "
-                 "initializing it on the devices.", state_bytes / 2**30, available / 2**30)
+    logging.info("The %s (%.1f GiB) are over half the host's available memory (%.1f GiB): made on the "
+                 "devices instead.", what, state_bytes / 2**30, available / 2**30)
     return False
   return True
 

@@ -1,6 +1,7 @@
 """Run by tests/test_multiprocess.py as each of 2 processes joined by jax.distributed (gloo), 2 simulated CPU
 devices each: the train state initialized on every process's host CPU and laid out over all 4 devices,
-against the state initialized on the devices, and the cross-process equality check that guards it.
+against the state initialized on the devices (from the same host draws), and the cross-process equality
+check that guards both.
 Process 0 prints REPORT <json>."""
 
 import json
@@ -18,9 +19,10 @@ from diffusion_jax.parallel import distributed
 from tests.conftest import tiny_config
 
 
-def create(run, on_host, mesh=None, seconds=None):
-  return train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, mesh or run.mesh,
-                                        run.rules, replicate_indivisible=True, on_host=on_host, seconds=seconds)
+def create(run, on_host, seconds=None, draw_on_host=None):
+  return train_state.create_train_state(jax.random.PRNGKey(0), run.model, run.optimizer, run.mesh, run.rules,
+                                        replicate_indivisible=True, on_host=on_host, seconds=seconds,
+                                        draw_on_host=draw_on_host)
 
 
 def global_values(tree):
@@ -37,9 +39,10 @@ def main():
   config = tiny_config()
   config.mesh.shape = (1, -1, 1)  # fsdp over all 4 devices: each process holds half of each split array.
   run = build.build(config)
-  host_seconds = {}
+  host_seconds, device_seconds = {}, {}
   from_host, shardings = create(run, on_host=True, seconds=host_seconds)
-  on_devices, _ = create(run, on_host=False)
+  on_devices, _ = create(run, on_host=False, seconds=device_seconds)
+  threefry_on_devices = global_values(create(run, on_host=False, draw_on_host=False)[0])
   # The host program's values: the same program on this process's first device alone.
   local_run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.local_devices()[:1])
   on_one_device = [np.asarray(x) for x in jax.tree.leaves(create(local_run, on_host=False)[0])]
@@ -51,7 +54,7 @@ def main():
                                         for a, b in zip(host_values, device_values)),
       "same_shardings": all(a.sharding == s
                             for a, s in zip(jax.tree.leaves(from_host), jax.tree.leaves(shardings))),
-      "host_phases": list(host_seconds),
+      "host_phases": list(host_seconds), "device_phases": list(device_seconds),
       "split_leaves": sum(not a.sharding.is_fully_replicated for a in jax.tree.leaves(from_host.params)),
   }
   # The guard: equal trees pass; one bit flipped in one element on process 1 fails on every process.
@@ -60,12 +63,13 @@ def main():
   if jax.process_index() == 1:
     flipped[-1].reshape(-1).view(np.uint8)[0] ^= 1
   report["one_flipped_bit_fails"] = not train_state.equal_on_all_processes(flipped)
-  # Where the guard fails, the state is initialized on the devices: the same bits as that path.
+  # Where the guard fails, the state is initialized on the devices with threefry's draws: that path's bits.
   calls = []
   train_state.equal_on_all_processes = lambda tree: calls.append(1) or False
   fallback = global_values(create(run, on_host=True)[0])
   report["fallback_checked_once"] = calls == [1]
-  report["fallback_bit_identical_to_on_devices"] = bit_identical(fallback, device_values)
+  report["fallback_bit_identical_to_threefry_on_devices"] = bit_identical(fallback, threefry_on_devices)
+  report["threefry_differs"] = not bit_identical(threefry_on_devices, device_values)
   all_reports = multihost_utils.process_allgather(np.frombuffer(json.dumps(report, sort_keys=True).encode()
                                                                 .ljust(1024), np.uint8))
   report["same_report_on_all_processes"] = len({bytes(r) for r in np.asarray(all_reports)}) == 1

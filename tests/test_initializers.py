@@ -1,4 +1,5 @@
-"""Pooled random initialization: Flax's distributions, one threefry draw per group of alike arrays."""
+"""Pooled random initialization: Flax's distributions, one threefry draw per group of alike arrays, or
+numpy's draws made on the host."""
 
 import flax.linen as nn
 import jax
@@ -84,6 +85,54 @@ def test_one_threefry_draw_per_group():
   # Groups: (a, b), (c, d), conv, table. The unpooled init draws once per random array: 6.
   pooled = jax.make_jaxpr(lambda r: initializers.pooled(init, r))(key).jaxpr
   assert _count_primitive(pooled, "random_bits") == 4
+
+
+def _counts_and_init():
+  model = _Net()
+  init = lambda r: nn.unbox(model.init(r, jnp.zeros((2, 256)))["params"])
+  with initializers.recording() as counts:
+    jax.eval_shape(init, jax.random.PRNGKey(0))
+  return counts, init
+
+
+def test_host_draws_are_a_function_of_the_key_alone_and_follow_their_distributions(monkeypatch):
+  counts, _ = _counts_and_init()
+  key = jax.random.PRNGKey(5)
+  monkeypatch.setattr(initializers, "_HOST_CHUNK", 1000)  # Many stretches per group, unevenly divided.
+  draws = initializers.draw_on_host(key, counts, threads=1)
+  assert [d.shape for d in draws] == [(count, *group.shape) for group, count in counts.items()]
+  # The same bits on 3 threads as on 1 (each stretch has its own stream), other bits from another key.
+  jax.tree.map(np.testing.assert_array_equal, draws, initializers.draw_on_host(key, counts, threads=3))
+  other = initializers.draw_on_host(jax.random.PRNGKey(6), counts, threads=2)
+  assert all(np.mean(a == b) < 1e-3 for a, b in zip(draws, other))
+  for (group, _), draw in zip(counts.items(), draws):
+    x = draw.astype(np.float64).ravel()  # >= 9,216 draws: std's relative standard error <= 0.74%
+    if group.distribution == "truncated_normal":
+      assert np.abs(x).max() < 2.0 and np.abs(x).max() > 1.99  # Truncated at 2, and reaching it.
+      assert abs(x.std() / _TRUNCATED_STD - 1) < 0.04, (group, x.std())
+    else:
+      assert abs(x.std() - 1) < 0.04 and np.abs(x).max() > 3, (group, x.std())
+    assert abs(x.mean()) < 0.04
+    a, b = x[: x.size // 2], x[x.size // 2: 2 * (x.size // 2)]  # Rows of one group (and stretches) independent.
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.03
+
+
+def test_pooled_hands_out_the_given_draws_scaled_by_each_initializer():
+  """With host draws, each random array is its row of its group's draw times the initializer's stddev
+  (lecun_normal: sqrt(1 / fan_in) / the truncated std; normal: its stddev), in creation order."""
+  counts, init = _counts_and_init()
+  draws = initializers.draw_on_host(jax.random.PRNGKey(0), counts)
+  params = jax.jit(lambda r, d: initializers.pooled(init, r, counts, d))(jax.random.PRNGKey(0), draws)
+  groups = list(counts)
+  row = {"a": (0, 0), "b": (0, 1), "c": (1, 0), "d": (1, 1), "conv": (2, 0), "table": (3, 0)}
+  for name, (g, i) in row.items():
+    value = params[name] if name == "table" else params[name]["kernel"]
+    stddev = 0.02 if name == "table" else np.sqrt(1.0 / np.prod(value.shape[:-1])) / _TRUNCATED_STD
+    assert groups[g].shape == value.shape
+    np.testing.assert_allclose(value, draws[g][i] * np.float32(stddev), rtol=1e-6, err_msg=name)
+  np.testing.assert_array_equal(params["zero"]["kernel"], 0.0)
+  with pytest.raises(ValueError, match="do not match the counted groups"):
+    initializers.pooled(init, jax.random.PRNGKey(0), counts, draws[:-1])
 
 
 def test_an_init_function_that_changes_between_passes_is_an_error():

@@ -68,7 +68,7 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   places its devices' slices (what a multi-host accelerator job does). The global state is the host
   program's bits, within one float32 ulp of the state initialized on the devices (the last bit of a
   fused scale differs, as in tests/test_parallel.py); a flipped bit on one process fails the CRC check
-  on both, and then both initialize on the devices."""
+  on both, and then both initialize on the devices with threefry's draws."""
   from launch import local  # pylint: disable=g-import-not-at-top
   port = local._free_port()  # pylint: disable=protected-access
   procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multiprocess_init_check.py")], cwd=REPO,
@@ -83,8 +83,11 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   assert report["bit_identical_to_one_device"], report
   assert report["max_abs_diff_to_on_devices"] < 1.2e-7, report  # One float32 ulp of a value below 1.
   assert report["equal_trees_pass"] and report["one_flipped_bit_fails"], report
-  assert report["host_phases"] == ["trace", "compile", "run", "compare", "place"], report  # As logged.
-  assert report["fallback_checked_once"] and report["fallback_bit_identical_to_on_devices"], report
+  # As logged: each process draws, and the processes compare their state (host) or draws (devices).
+  assert report["host_phases"] == ["trace", "draw", "compile", "run", "compare", "place"], report
+  assert report["device_phases"] == ["trace", "draw", "compare", "compile", "place", "run"], report
+  assert report["fallback_checked_once"] and report["fallback_bit_identical_to_threefry_on_devices"], report
+  assert report["threefry_differs"], report
   assert report["same_report_on_all_processes"], report
 
 

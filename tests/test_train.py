@@ -60,8 +60,8 @@ def test_the_host_path_is_chosen_only_for_a_state_within_half_the_available_memo
   assert train_state._available_host_memory(str(tmp_path / "absent")) > 0  # The free pages, from sysconf.
   monkeypatch.setattr(train_state, "_available_host_memory", lambda: 4_096_000)
   state = lambda n: {"params": jax.ShapeDtypeStruct((n, 1000), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  assert train_state._fits_in_host_memory(state(511))  # 2,044,004 bytes  pylint: disable=protected-access
-  assert not train_state._fits_in_host_memory(state(512))  # 2,048,004 bytes  pylint: disable=protected-access
+  assert train_state._fits_in_host_memory(state(511), "state")  # 2,044,004 bytes  pylint: disable=protected-access
+  assert not train_state._fits_in_host_memory(state(512), "state")  # 2,048,004 bytes  pylint: disable=protected-access
 
 
 def test_the_smoke_step_does_not_depend_on_the_run_length(config):
