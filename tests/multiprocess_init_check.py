@@ -69,6 +69,11 @@ def main():
   fallback = global_values(create(run, on_host=True)[0])
   report["fallback_checked_once"] = calls == [1]
   report["fallback_bit_identical_to_threefry_on_devices"] = bit_identical(fallback, threefry_on_devices)
+  # Initializing on the devices, the processes compare their draws: where they differ, threefry's.
+  calls.clear()
+  device_fallback = global_values(create(run, on_host=False)[0])
+  report["device_fallback_checked_once"] = calls == [1]
+  report["device_fallback_bit_identical_to_threefry"] = bit_identical(device_fallback, threefry_on_devices)
   report["threefry_differs"] = not bit_identical(threefry_on_devices, device_values)
   all_reports = multihost_utils.process_allgather(np.frombuffer(json.dumps(report, sort_keys=True).encode()
                                                                 .ljust(1024), np.uint8))

@@ -68,7 +68,8 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   places its devices' slices (what a multi-host accelerator job does). The global state is the host
   program's bits, within one float32 ulp of the state initialized on the devices (the last bit of a
   fused scale differs, as in tests/test_parallel.py); a flipped bit on one process fails the CRC check
-  on both, and then both initialize on the devices with threefry's draws."""
+  on both, and then both initialize on the devices with threefry's draws, as they do where their host
+  draws differ on the device path."""
   from launch import local  # pylint: disable=g-import-not-at-top
   port = local._free_port()  # pylint: disable=protected-access
   procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multiprocess_init_check.py")], cwd=REPO,
@@ -88,6 +89,7 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   assert report["device_phases"] == ["trace", "draw", "compare", "compile", "place", "run"], report
   assert report["fallback_checked_once"] and report["fallback_bit_identical_to_threefry_on_devices"], report
   assert report["threefry_differs"], report
+  assert report["device_fallback_checked_once"] and report["device_fallback_bit_identical_to_threefry"], report
   assert report["same_report_on_all_processes"], report
 
 
