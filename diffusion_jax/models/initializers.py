@@ -1,11 +1,11 @@
 """Random parameter initializers whose draws can be pooled: one draw per group of alike arrays.
 
 Outside `pooled`, each initializer draws its array from the key Flax gives it, as Flax's own initializer
-of the same name does (the same values, to float32 rounding of the standard deviation). Inside `pooled(init_fn, rng)`, the arrays of one group
-(same distribution, shape and logical axes) are drawn together as a single [n, *shape] array and handed
-out in creation order. Why: compiling the initializer is most of a train state's creation time, and
-nearly all of that compile is the random draws, each a threefry hash plus an inverse-CDF transform
-compiled once per array. A U-Net has many alike arrays (q, k, v and output projections, repeated
+of the same name does (the same values, to float32 rounding of the standard deviation). Inside
+`pooled(init_fn, rng)`, the arrays of one group (same distribution, shape and logical axes) are drawn
+together as a single [n, *shape] array and handed out in creation order. Why: compiling the
+initializer was most of a train state's creation time, and nearly all of that compile the random draws,
+each a threefry hash plus an inverse-CDF transform compiled once per array. A U-Net has many alike arrays (q, k, v and output projections, repeated
 ResNet blocks): configs/smoke.py's 92 random kernels fall into 24 groups.
 
 A group's draw is constrained to its members' logical axes, so every device draws only its shards
@@ -145,14 +145,16 @@ _HOST_CHUNK = 1 << 20
 
 def draw_on_host(rng: jax.Array, counts: dict[_Group, int], threads: int | None = None) -> list[np.ndarray]:
   """The groups' unit draws ([count, *shape] float32 each, in the order of `counts`) made by numpy on this
-  host's cores: a function of rng's key data alone, equal on every host and for any number of threads.
+  host's cores: a function of rng's key data alone, for any number of threads (and on any host whose libm
+  rounds alike: numpy's ziggurat calls exp in its rare wedge steps, so processes compare their draws).
 
   Why: XLA:CPU draws truncated normals at ~18 M values/s on 2 cores (threefry and an inverse error function,
   compiled without LLVM's optimizations) and its run barely spreads over more cores; numpy's PCG64 and
-  ziggurat draw ~100 M/s on the same 2 cores, on as many threads as the host has, and leave XLA a program
-  with no random number generation to compile. Each stretch of _HOST_CHUNK values has its own PCG64 stream
-  (SeedSequence(key data, spawn_key=(group, stretch))); truncated normals are standard normals with those
-  outside (-2, 2) rejected, the same distribution as jax.random.truncated_normal(key, -2, 2).
+  ziggurat draw ~76 M/s on the same 2 cores (sd21's 666 M in 8.8 s), on as many threads as the host has,
+  and leave XLA a program with no random number generation to compile. Each stretch of _HOST_CHUNK values
+  has its own PCG64 stream (SeedSequence(key data, spawn_key=(group, stretch))); truncated normals are
+  standard normals with those outside (-2, 2) rejected, the same distribution as
+  jax.random.truncated_normal(key, -2, 2).
   """
   entropy = [int(word) for word in np.asarray(jax.random.key_data(rng)).reshape(-1)]
   out = [np.empty((count, *group.shape), np.float32) for group, count in counts.items()]
@@ -161,7 +163,8 @@ def draw_on_host(rng: jax.Array, counts: dict[_Group, int], threads: int | None 
     for c, start in enumerate(range(0, flat.size, _HOST_CHUNK)):
       seed = np.random.SeedSequence(entropy, spawn_key=(g, c))
       jobs.append((flat[start:start + _HOST_CHUNK], group.distribution, seed))
-  threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+  if threads is None:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL while it draws
     list(pool.map(lambda job: _fill_unit(*job), jobs))
   return out
