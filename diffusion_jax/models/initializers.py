@@ -5,8 +5,9 @@ of the same name does (the same values, to float32 rounding of the standard devi
 `pooled(init_fn, rng)`, the arrays of one group (same distribution, shape and logical axes) are drawn
 together as a single [n, *shape] array and handed out in creation order. Why: compiling the
 initializer was most of a train state's creation time, and nearly all of that compile the random draws,
-each a threefry hash plus an inverse-CDF transform compiled once per array. A U-Net has many alike arrays (q, k, v and output projections, repeated
-ResNet blocks): configs/smoke.py's 92 random kernels fall into 24 groups.
+each a threefry hash plus an inverse-CDF transform compiled once per array. A U-Net has many alike
+arrays (q, k, v and output projections, repeated ResNet blocks): configs/smoke.py's 92 random kernels fall
+into 24 groups.
 
 A group's draw is constrained to its members' logical axes, so every device draws only its shards
 (threefry is partitionable) and pooling does not replicate anything a pod would not hold anyway.
