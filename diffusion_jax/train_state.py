@@ -155,14 +155,16 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   init_fn = lambda r, d: nn.unbox(_init_state(r, model, tx, counts, draws=d))
   cpu_options = {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
   if on_host:
-    host_rng, host_draws = jax.device_put((rng, draws), host_cpu)
+    on_cpu = jax.sharding.SingleDeviceSharding(host_cpu)
     # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
-    lowered = jax.jit(init_fn).lower(host_rng, host_draws)
+    on_cpu_draws = None if draws is None else [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_cpu) for s in draw_shapes]
+    lowered = jax.jit(init_fn).lower(jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=on_cpu), on_cpu_draws)
     clock.lap("trace")
     compiled = lowered.compile(compiler_options=cpu_options)
     clock.lap("compile")
-    host_state = jax.block_until_ready(compiled(host_rng, host_draws))
-    del draws, host_draws
+    host_state = jax.block_until_ready(compiled(*jax.device_put((rng, draws), host_cpu)))
+    del draws
     clock.lap("run")
     equal = equal_on_all_processes(host_state)
     if jax.process_count() > 1:
