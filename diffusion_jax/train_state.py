@@ -71,17 +71,27 @@ def create_optimizer(config, frozen: tuple[str, ...] = ()) -> optax.GradientTran
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
+def _init_params(rng: jax.Array, model: DiffusionModel, counts: dict | None = None, abstract: bool = False,
+                 draws: list | None = None) -> Any:
+  """Boxed (nn.Partitioned) parameters: logical axis names travel with the leaves. `counts`: the pooled
+  draws' counts (`initializers.recording`, as `state_shapes` records them), else counted here by one more
+  trace. `abstract`: for eval_shape only (the same shapes, without pooling the random draws)."""
+  init_params = lambda r: model.init(r, *model.dummy_inputs())["params"]
+  return init_params(rng) if abstract else initializers.pooled(init_params, rng, counts, draws)
+
+
+def _state_from_params(params: Any, rng: jax.Array, tx: optax.GradientTransformation) -> TrainState:
+  """The state at step 0 around `params`: its EMA starts as a copy, the optimizer state is tx.init's."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=rng,
+                    nonfinite_steps=zero, nonfinite_streak=zero)
+
+
 def _init_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                 counts: dict | None = None, abstract: bool = False, draws: list | None = None) -> TrainState:
-  """Boxed (nn.Partitioned) state: logical axis names travel with the leaves. `counts`: the pooled draws'
-  counts (`initializers.recording`, as `state_shapes` records them), else counted here by one more trace.
-  `abstract`: for eval_shape only (the same shapes, without pooling the random draws)."""
+  """Boxed state (`_init_params`'s arguments)."""
   init_rng, state_rng = jax.random.split(rng)
-  init_params = lambda r: model.init(r, *model.dummy_inputs())["params"]
-  params = init_params(init_rng) if abstract else initializers.pooled(init_params, init_rng, counts, draws)
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params), rng=state_rng,
-                    nonfinite_steps=zero, nonfinite_streak=zero)
+  return _state_from_params(_init_params(init_rng, model, counts, abstract, draws), state_rng, tx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,11 @@ def state_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> Sta
 _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+
+def _cpu_init_options() -> dict[str, Any]:
+  return {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
+
+
 def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
                        mesh, rules, replicate_indivisible: bool = False,
                        on_host: bool | None = None, seconds: dict[str, float] | None = None,
@@ -122,24 +137,27 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   cores (`draw_on_host` None: wherever they fit in half the host's available memory; True/False: forced),
   a function of `rng` alone; else by threefry in the compiled program (a pod-sized model: other values).
   On a CPU mesh every leaf is then computed directly on its shards. On an accelerator (`on_host` None:
-  chosen so; True/False: forced) the program runs on the host's CPU and each device receives its slices
-  of the result: XLA:GPU compiled the SD 2.1 initializer with threefry's draws in 221 s on an H200 host
-  (about a thousand draw, scale and copy kernels, each through LLVM and ptxas), where XLA:CPU compiles it
-  without draws in 2.5 s. The values are bit for bit those of a CPU run.
-  With several processes each draws (and on the host path computes the state) on its own host; the
-  processes then compare a CRC-32 of every draw (or leaf), and if any differ (hosts whose CPUs round
+  chosen so; True/False: forced) the parameters are computed by a program on the host's CPU, each device
+  receives its slices of them, and a program on the devices fills in the rest of the state (the EMA copy,
+  the optimizer's zeros), which is three times the parameters' bytes at AdamW: XLA:GPU compiled the SD 2.1
+  initializer with threefry's draws in 221 s on an H200 host (about a thousand draw, scale and copy
+  kernels, each through LLVM and ptxas), where XLA:CPU compiles it without draws in 2.5 s. The values are
+  bit for bit those of a CPU run.
+  With several processes each draws (and on the host path computes the parameters) on its own host; the
+  processes then compare a CRC-32 of every draw (or parameter), and if any differ (hosts whose CPUs round
   differently) all fall back to threefry's draws on the devices, so that replicas never start from
   different values.
 
   Where the time went is logged, and added to `seconds` if given: "trace" (shapes, shardings, tracing and
-  lowering), "draw" (numpy's draws), "compile", "run", "place" (the transfers to the devices) and, with
-  several processes, "compare" (the CRC check). `shapes`: gives `state_shapes(model, tx)`, kept from an
-  earlier trace (build.Run.state_shapes); called within the trace phase.
+  lowering), "draw" (numpy's draws), "compile", "run", "place" (the transfers to the devices), "fill" (the
+  host path's program on the devices) and, with several processes, "compare" (the CRC check). `shapes`:
+  gives `state_shapes(model, tx)`, kept from an earlier trace (build.Run.state_shapes); called within the
+  trace phase.
   """
   clock = _PhaseClock(seconds)
   traced = shapes() if shapes else state_shapes(model, tx)
-  shapes, counts = traced.boxed, traced.counts
-  shardings = mesh_lib.logical_to_sharding(shapes, mesh, rules, replicate_indivisible=replicate_indivisible)
+  boxed, counts = traced.boxed, traced.counts
+  shardings = mesh_lib.logical_to_sharding(boxed, mesh, rules, replicate_indivisible=replicate_indivisible)
   platform = mesh.devices.flat[0].platform
   host_cpu = _host_cpu()
   draw_shapes = [jax.ShapeDtypeStruct((count, *group.shape), jnp.float32) for group, count in counts.items()]
@@ -147,35 +165,15 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
     draw_on_host = host_cpu is not None and _fits_in_host_memory(draw_shapes, "random draws")
   if on_host is None:
     on_host = (platform != "cpu" and draw_on_host
-               and _fits_in_host_memory((nn.unbox(shapes), draw_shapes), "train state and its draws"))
+               and _fits_in_host_memory((nn.unbox(boxed.params), draw_shapes), "parameters and their draws"))
   clock.lap("trace")
   draws = initializers.draw_on_host(rng, counts) if draw_on_host else None
   if draws is not None:
     clock.lap("draw")
-  init_fn = lambda r, d: nn.unbox(_init_state(r, model, tx, counts, draws=d))
-  cpu_options = {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
   if on_host:
-    on_cpu = jax.sharding.SingleDeviceSharding(host_cpu)
-    # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
-    on_cpu_draws = None if draws is None else [
-        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_cpu) for s in draw_shapes]
-    lowered = jax.jit(init_fn).lower(jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=on_cpu), on_cpu_draws)
-    clock.lap("trace")
-    compiled = lowered.compile(compiler_options=cpu_options)
-    clock.lap("compile")
-    host_state = jax.block_until_ready(compiled(*jax.device_put((rng, draws), host_cpu)))
-    del draws
-    clock.lap("run")
-    equal = equal_on_all_processes(host_state)
-    if jax.process_count() > 1:
-      clock.lap("compare")
-    if equal:
-      state = jax.block_until_ready(jax.tree.map(_place_from_host, host_state, shardings))
-      clock.lap("place")
-      logging.info("Train state (%.2f GiB) created on the host CPU: %s.", _nbytes(shapes) / 2**30, clock)
+    state = _create_from_host(rng, draws, model, tx, traced, shardings, clock)
+    if state is not None:
       return state, shardings
-    logging.warning("The state initialized on the host CPUs differs between processes; initializing it on "
-                    "the devices with threefry's draws instead (other values, equal everywhere).")
     draws = None
   elif draws is not None and jax.process_count() > 1:
     equal = equal_on_all_processes(draws)
@@ -184,13 +182,13 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
       logging.warning("The random draws made on the hosts differ between processes; drawing on the devices "
                       "with threefry instead (other values, equal everywhere).")
       draws = None
-  options = cpu_options if platform == "cpu" else compiler.options(platform)
+  options = _cpu_init_options() if platform == "cpu" else compiler.options(platform)
   draw_shardings = None
   if draws is not None:
     boxed_draws = [nn.Partitioned(s, names=(None, *group.axes)) for s, group in zip(draw_shapes, counts)]
     draw_shardings = mesh_lib.logical_to_sharding(boxed_draws, mesh, rules,
                                                   replicate_indivisible=replicate_indivisible)
-  init = jax.jit(init_fn, out_shardings=shardings)
+  init = jax.jit(lambda r, d: nn.unbox(_init_state(r, model, tx, counts, draws=d)), out_shardings=shardings)
   with mesh_lib.activate(mesh, rules):
     lowered = init.lower(rng, None if draws is None else [
         jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in zip(draw_shapes, draw_shardings)])
@@ -202,8 +200,56 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
     clock.lap("place")
   state = jax.block_until_ready(compiled(rng, draws))
   clock.lap("run")
-  logging.info("Train state (%.2f GiB) created on the %s devices: %s.", _nbytes(shapes) / 2**30, platform, clock)
+  logging.info("Train state (%.2f GiB) created on the %s devices: %s.", _nbytes(boxed) / 2**30, platform,
+               clock)
   return state, shardings
+
+
+def _create_from_host(rng: jax.Array, draws: list | None, model: DiffusionModel,
+                      tx: optax.GradientTransformation, traced: StateShapes, shardings: Any,
+                      clock: _PhaseClock) -> TrainState | None:
+  """create_train_state's host path: the parameters (and the state's key) computed on the host CPU and
+  placed, then the rest of the state filled in on the devices, where it costs no host memory, first-touch
+  page faults nor transfers. None where the processes' parameters differ (the caller falls back)."""
+  host_cpu = _host_cpu()
+
+  def host_part(r, d):
+    init_rng, state_rng = jax.random.split(r)
+    return nn.unbox(_init_params(init_rng, model, traced.counts, draws=d)), state_rng
+
+  # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
+  on_cpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                          sharding=jax.sharding.SingleDeviceSharding(host_cpu))
+  lowered = jax.jit(host_part).lower(on_cpu(rng), None if draws is None else [on_cpu(d) for d in draws])
+  part_shardings = (shardings.params, shardings.rng)
+  # The placed parameters are donated: the state's `params` are those buffers, `ema_params` a copy.
+  fill = jax.jit(lambda params, state_rng: _state_from_params(params, state_rng, tx),
+                 out_shardings=shardings, donate_argnums=0)
+  fill_lowered = fill.lower(*jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          nn.unbox((traced.boxed.params, traced.boxed.rng)), part_shardings))
+  clock.lap("trace")
+  compiled = lowered.compile(compiler_options=_cpu_init_options())
+  platform = next(iter(shardings.rng.device_set)).platform
+  fill_compiled = fill_lowered.compile(compiler_options=compiler.options(platform) or None)
+  clock.lap("compile")
+  host_part_values = jax.block_until_ready(compiled(*jax.device_put((rng, draws), host_cpu)))
+  del draws
+  clock.lap("run")
+  equal = equal_on_all_processes(host_part_values)
+  if jax.process_count() > 1:
+    clock.lap("compare")
+  if not equal:
+    logging.warning("The parameters initialized on the host CPUs differ between processes; initializing the "
+                    "state on the devices with threefry's draws instead (other values, equal everywhere).")
+    return None
+  placed = jax.block_until_ready(jax.tree.map(_place_from_host, host_part_values, part_shardings))
+  del host_part_values
+  clock.lap("place")
+  state = jax.block_until_ready(fill_compiled(*placed))
+  clock.lap("fill")
+  logging.info("Train state (%.2f GiB) created from parameters made on the host CPU: %s.",
+               _nbytes(traced.boxed) / 2**30, clock)
+  return state
 
 
 class _PhaseClock:

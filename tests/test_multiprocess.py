@@ -85,7 +85,7 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   assert report["max_abs_diff_to_on_devices"] < 1.2e-7, report  # One float32 ulp of a value below 1.
   assert report["equal_trees_pass"] and report["one_flipped_bit_fails"], report
   # As logged: each process draws, and the processes compare their state (host) or draws (devices).
-  assert report["host_phases"] == ["trace", "draw", "compile", "run", "compare", "place"], report
+  assert report["host_phases"] == ["trace", "draw", "compile", "run", "compare", "place", "fill"], report
   assert report["device_phases"] == ["trace", "draw", "compare", "compile", "place", "run"], report
   assert report["fallback_checked_once"] and report["fallback_bit_identical_to_threefry_on_devices"], report
   assert report["threefry_differs"], report

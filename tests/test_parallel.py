@@ -63,7 +63,7 @@ def test_state_initialized_on_the_host_equals_the_one_initialized_on_devices(sha
   assert result["max_abs_diff_to_on_shards"] < 1.2e-7, result  # One float32 ulp of a value below 1.
   assert 0.125 <= result["params_fraction_on_device0"] < 0.16  # Sharded 8 ways, not replicated.
   # The time by phase (logged; benchmarks/run.py reports it) accounts for most of the call.
-  expected = {"host": ["trace", "draw", "compile", "run", "place"],
+  expected = {"host": ["trace", "draw", "compile", "run", "place", "fill"],
               "devices": ["trace", "draw", "compile", "place", "run"]}
   for path, (names, total_s, wall_s) in result["phases"].items():
     assert names == expected[path], result["phases"]
