@@ -70,8 +70,8 @@ def restore_on_other_meshes(config, state):
 
 
 def compare_host_init(config, shape):
-  """The state initialized on the host CPU and copied to its shards on `shape` (what one process on an
-  accelerator does) against the state initialized on those shards, and on one device."""
+  """The state from parameters initialized on the host CPU and copied to their shards on `shape` (what
+  one process on an accelerator does) against the state initialized on those shards, and on one device."""
   phases = {}  # Per path: (the phases create_train_state timed, their sum, the call's wall seconds).
 
   def create(shape, devices, on_host):
@@ -94,7 +94,15 @@ def compare_host_init(config, shape):
                                            for a, b in zip(host, jax.tree.leaves(on_shards))),
           "same_shardings": all(a.sharding == s for a, s in zip(jax.tree.leaves(from_host),
                                                                  jax.tree.leaves(shardings))),
-          "params_fraction_on_device0": device0_fraction(from_host.params)}
+          "params_fraction_on_device0": device0_fraction(from_host.params),
+          # The train step donates its state on accelerators: no two leaves (params and their EMA copy
+          # above all, made from one placed array) may share a device buffer.
+          "own_buffers": own_buffers(from_host)}
+
+
+def own_buffers(tree) -> bool:
+  shards = [s for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards]
+  return len({s.data.unsafe_buffer_pointer() for s in shards}) == len(shards)
 
 
 def device0_fraction(tree):

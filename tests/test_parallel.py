@@ -54,14 +54,15 @@ def test_fsdp_shards_parameters_and_optimizer_state(sharded_report):
 
 
 def test_state_initialized_on_the_host_equals_the_one_initialized_on_devices(sharded_report):
-  """A process on an accelerator runs the initializer on the host CPU and copies the state to its
-  shards (train_state.create_train_state): the bits of the same program on one device, laid out as the
-  state initialized on its shards. That one differs in the last bit of one pooled draw (conv_in's kernel,
+  """A process on an accelerator computes the parameters on the host CPU, copies them to their shards
+  and fills in the rest of the state there (train_state.create_train_state): the bits of the same
+  program on one device, laid out as the state initialized on its shards. That one differs in the last bit of one pooled draw (conv_in's kernel,
   replicated because indivisible, 6e-8 apart): XLA computes it in another fusion on 8 devices."""
   result = sharded_report["host_init_(1,8,1)"]
   assert result["leaves"] > 100 and result["bit_identical_to_one_device"] and result["same_shardings"], result
   assert result["max_abs_diff_to_on_shards"] < 1.2e-7, result  # One float32 ulp of a value below 1.
   assert 0.125 <= result["params_fraction_on_device0"] < 0.16  # Sharded 8 ways, not replicated.
+  assert result["own_buffers"], result
   # The time by phase (logged; benchmarks/run.py reports it) accounts for most of the call.
   expected = {"host": ["trace", "draw", "compile", "run", "place", "fill"],
               "devices": ["trace", "draw", "compile", "place", "run"]}
