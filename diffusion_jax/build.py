@@ -90,9 +90,11 @@ def create_model(config, dataset: registry.DatasetSpec | None = None,
   out_channels = latent_shape[-1] * (2 if config.diffusion.learn_sigma else 1)
   attention = config.model.attention
   attention_lib.check_available(attention)
+  # 'auto': training compiles the policies until one fits (memory_fit.py); inference has no backward pass.
+  remat_policy = "none" if config.model.remat_policy == "auto" else config.model.remat_policy
   unet = UNet(out_channels, un.channels, tuple(un.channel_mult), un.num_res_blocks,
               tuple(un.transformer_depth), un.mid_transformer_depth, un.head_dim, un.norm_groups,
-              un.dropout, un.use_linear_projection, dtype, config.model.remat_policy,
+              un.dropout, un.use_linear_projection, dtype, remat_policy,
               attention_type=un.attention_type, num_heads=un.num_heads, scale_shift_norm=un.scale_shift_norm,
               resblock_updown=un.resblock_updown, pooled_projection=un.pooled_projection, attention=attention,
               name="unet")

@@ -73,7 +73,9 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype ("bfloat16" for mixed precision); parameters stay float32.
-  c.model.remat_policy = "none"  # Activation checkpointing of U-Net blocks: none, full, dots, dots_no_batch.
+  # Activation checkpointing of U-Net blocks: none, dots, dots_no_batch, full, or auto (the first of those
+  # whose train step fits the devices' memory; memory_fit.py).
+  c.model.remat_policy = "none"
   # The attention kernel (models/attention.py): "auto" (cuDNN flash attention on GPU for bf16/fp16, Pallas
   # splash attention on TPU, else XLA), "xla", "cudnn" or "splash".
   c.model.attention = "auto"
@@ -181,7 +183,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 def allowed_values() -> dict[str, tuple[str, ...]]:
   """The allowed values of each choice option, read from the module that implements it."""
   # pylint: disable=g-import-not-at-top  (those modules import JAX; the config schema does not need to)
-  from diffusion_jax import train_state
+  from diffusion_jax import memory_fit, train_state
   from diffusion_jax.data import registry
   from diffusion_jax.diffusion import losses, samplers, schedules
   from diffusion_jax.metrics import features
@@ -189,7 +191,7 @@ def allowed_values() -> dict[str, tuple[str, ...]]:
   return {
       "dataset.name": tuple(registry.names()),
       "model.dtype": COMPUTE_DTYPES,
-      "model.remat_policy": ("none",) + tuple(unet.REMAT_POLICIES),
+      "model.remat_policy": ("none",) + tuple(unet.REMAT_POLICIES) + (memory_fit.AUTO,),
       "model.attention": attention.IMPLEMENTATIONS,
       "model.conditioning": conditioning.KINDS,
       "model.unet.attention_type": tuple(unet.ATTENTION_TYPES),

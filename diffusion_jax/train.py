@@ -13,7 +13,7 @@ from clu import periodic_actions
 from diffusion_jax import build as build_lib
 from diffusion_jax import config as config_lib
 from diffusion_jax import images as images_lib
-from diffusion_jax import compiler, generation, paths, preemption, run_files, train_state
+from diffusion_jax import compiler, generation, memory_fit, paths, preemption, run_files, train_state
 from diffusion_jax import workdir_lock
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.data import pipeline
@@ -21,7 +21,7 @@ from diffusion_jax.errors import Interrupted, NonFiniteError
 from diffusion_jax.metrics import held_out_loss, sample_eval
 from diffusion_jax.metrics import writers as metric_writers
 from diffusion_jax.parallel import mesh as mesh_lib
-from diffusion_jax.train_step import abstract_global_batch, check_batch_divisibility, global_batch, make_train_step
+from diffusion_jax.train_step import check_batch_divisibility, global_batch
 
 
 def train_and_evaluate(config, workdir: paths.PathLike) -> train_state.TrainState:
@@ -49,9 +49,7 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   check_batch_divisibility(config, run.mesh)
   log_topology(run.mesh, workdir)
   abstract = run.abstract_state()
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  step_fn = make_train_step(run, shardings)
-  step_compiled = compile_in_background(step_fn, abstract, run)
+  step_compiled = compile_in_background(run, abstract)
   # The parameters' global norm, read at each log line and before each checkpoint (see `summarize`):
   # compiled here, beside the step (~2 s on a CPU at digits), rather than at the first log line.
   param_norm_of = compiler.jit(optax.tree.norm, out_shardings=mesh_lib.replicated(run.mesh)).lower(
@@ -91,7 +89,7 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
       generation.compile_generate(sample_fn, abstract.ema_params, run.conditioning, requests,
                                   config.sampling.negative_prompt)
       eval_loss.compile(abstract.ema_params)
-  step_compiled.result()  # Raises what the compilation raised.
+  step_fn, _ = step_compiled.result()  # Raises what the compilation raised.
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
   stop = False
   try:
@@ -154,21 +152,19 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
   return state
 
 
-def compile_in_background(step_fn, abstract_state, run) -> concurrent.futures.Future:
-  """Starts compiling `step_fn` for the state's and the global batch's shapes and shardings on another
-  thread; returns its future.
+def compile_in_background(run, abstract_state) -> concurrent.futures.Future:
+  """Starts compiling the train step for the state's and the global batch's shapes and shardings on
+  another thread (`memory_fit.compile_train_step`: with the remat policy that fits); returns the future of
+  (the jitted step, its remat policy).
 
   Meanwhile this thread prepares the data and creates or restores the state. Both sides are mostly
   one-core work (XLA compiles, dataset preparation, checkpoint reads), so start-up costs about the longer
   of the two instead of their sum. jit reuses the compiled program at the first step (a batch of other
   shapes would only compile again).
   """
-  def compile_step():
-    with mesh_lib.activate(run.mesh, run.rules):  # As in the training loop, which calls the step.
-      step_fn.lower(abstract_state, abstract_global_batch(run)).compile()
-
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_train_step")
-  future = executor.submit(compile_step)
+  future = executor.submit(memory_fit.compile_train_step, run, shardings, abstract_state)
   executor.shutdown(wait=False)
   return future
 
