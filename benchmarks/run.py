@@ -74,7 +74,7 @@ from benchmarks import host
 from benchmarks import peer as peer_lib
 from benchmarks import presets
 from benchmarks import profile as profile_lib
-from diffusion_jax import build, compiler, generation, paths, train_state
+from diffusion_jax import build, compiler, generation, memory_fit, paths, train_state
 from diffusion_jax import train_step as train_step_lib
 from diffusion_jax.config import COMPUTE_DTYPES
 from diffusion_jax.models import attention as attention_lib
@@ -106,11 +106,8 @@ def _cost_flops(stage) -> float | None:
 
 def _peak_mib(compiled) -> float | None:
   """Arguments + outputs + temporaries − donated (aliased) buffers, MiB: what the step needs resident."""
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return None
-  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-  return round(peak / 2**20, 2)
+  footprint = memory_fit.Footprint.of(compiled)
+  return None if footprint is None else round(footprint.peak / 2**20, 2)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -682,6 +679,12 @@ def bench_memory(bench: Bench, steps: int, blocks: int) -> dict:
     mem = compiled.memory_analysis()
     row["temp_mib"] = round(mem.temp_size_in_bytes / 2**20, 2) if mem is not None else None
     out[policy] = row
+  limit = memory_fit.device_limit(jax.devices()[:1])
+  if limit is not None:  # What remat_policy=auto would train with, of the policies measured here.
+    out["device_limit_mib"] = round(limit[0] / 2**20, 2)
+    out["auto_picks"] = next((policy for policy in memory_fit.AUTO_ORDER if policy in out
+                              and out[policy]["peak_mib"] is not None
+                              and memory_fit.fits(out[policy]["peak_mib"] * 2**20, limit[0], auto=True)), None)
   return out
 
 
@@ -920,6 +923,10 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         row("memory", f"remat {policy}: peak MiB", mem.get("peak_mib"))
         row("memory", f"remat {policy}: temp MiB", mem.get("temp_mib"))
         row("memory", f"remat {policy}: step s", mem.get("step_s"))
+    if "device_limit_mib" in (entry.get("memory") or {}):
+      row("memory", "device memory limit MiB", entry["memory"]["device_limit_mib"])
+      rows.append((name, "memory", f"remat_policy=auto would train with: {entry['memory']['auto_picks']}",
+                   "", "", ""))
     for option_set, tried in (entry.get("compiler_options") or {}).items():
       if isinstance(tried, dict) and "options" in tried:
         label = "default" if option_set == "default" else f"{option_set} {tried['options']}"

@@ -88,6 +88,12 @@ def device_limit(devices: Sequence[Any]) -> tuple[int, Any] | None:
   return min(limits, key=lambda pair: pair[0]) if limits else None
 
 
+def fits(peak: int, limit: int, auto: bool) -> bool:
+  """Whether a program needing `peak` bytes per device fits a device that may hold `limit` bytes: within
+  AUTO_HEADROOM of it when 'auto' chooses, else at all."""
+  return peak <= limit * (AUTO_HEADROOM if auto else 1.0)
+
+
 def with_remat(run: Any, policy: str) -> Any:
   """`run` (a build.Run) whose U-Net recomputes its blocks' activations by `policy` ('none': keeps them)."""
   unet = run.model.unet
@@ -116,8 +122,7 @@ def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> t
       tried[policy] = str(exc).splitlines()[0]
       continue
     footprint = Footprint.of(compiled)
-    allowed = None if limit is None else limit[0] * (AUTO_HEADROOM if requested == AUTO else 1.0)
-    if allowed is None or footprint is None or footprint.peak <= allowed:
+    if limit is None or footprint is None or fits(footprint.peak, limit[0], auto=requested == AUTO):
       if limit is not None and footprint is not None:
         logging.info("Train step (remat_policy=%s): %s per device, of the %s that %s holds.", policy,
                      footprint.describe(), _gib(limit[0]), limit[1])
