@@ -64,6 +64,9 @@ def get_config():
   config.optimizer.ema_decay = 0.9999
   config.batch_size = 2048
   config.num_train_steps = 400_000  # Ho & Salimans' 64×64 models (ADM trained 540k).
+  # A batch this size needs a pod; where its step does not fit without remat, the least recompute that does
+  # (memory_fit.py). A CPU or a roomy device compiles it once, without remat.
+  config.model.remat_policy = "auto"
 
   config.sampling.sampler = "ddpm"  # Ancestral, with the learned variance.
   config.sampling.num_steps = 250

@@ -67,6 +67,9 @@ def get_config():
   config.batch_size = 2048
   config.num_train_steps = 595_000
   config.model.dtype = "bfloat16"
+  # A batch this size needs a pod; where its step does not fit without remat, the least recompute that does
+  # (memory_fit.py). A CPU or a roomy device compiles it once, without remat.
+  config.model.remat_policy = "auto"
 
   config.sampling.sampler = "ddim"
   config.sampling.num_steps = 50
