@@ -120,8 +120,8 @@ def state_shapes(model: DiffusionModel, tx: optax.GradientTransformation) -> Sta
 _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-
 def _cpu_init_options() -> dict[str, Any]:
+  """The initializer's XLA:CPU options: the project's, without LLVM's optimizations (see above)."""
   return {**compiler.options("cpu"), **_CPU_INIT_OPTIONS}
 
 
@@ -138,11 +138,11 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   a function of `rng` alone; else by threefry in the compiled program (a pod-sized model: other values).
   On a CPU mesh every leaf is then computed directly on its shards. On an accelerator (`on_host` None:
   chosen so; True/False: forced) the parameters are computed by a program on the host's CPU, each device
-  receives its slices of them, and a program on the devices fills in the rest of the state (the EMA copy,
-  the optimizer's zeros), which is three times the parameters' bytes at AdamW: XLA:GPU compiled the SD 2.1
-  initializer with threefry's draws in 221 s on an H200 host (about a thousand draw, scale and copy
-  kernels, each through LLVM and ptxas), where XLA:CPU compiles it without draws in 2.5 s. The values are
-  bit for bit those of a CPU run.
+  receives its slices of them, and a program on the devices fills in the rest of the state (the EMA copy
+  and the optimizer's zeros: three times the parameters' bytes with AdamW, which the host then neither
+  writes nor sends). Why the host: XLA:GPU compiled the SD 2.1 initializer with threefry's draws in 221 s
+  on an H200 host (about a thousand draw, scale and copy kernels, each through LLVM and ptxas), where
+  XLA:CPU compiles it without draws in 2.5 s. The values are bit for bit those of a CPU run.
   With several processes each draws (and on the host path computes the parameters) on its own host; the
   processes then compare a CRC-32 of every draw (or parameter), and if any differ (hosts whose CPUs round
   differently) all fall back to threefry's draws on the devices, so that replicas never start from
@@ -233,7 +233,6 @@ def _create_from_host(rng: jax.Array, draws: list | None, model: DiffusionModel,
   fill_compiled = fill_lowered.compile(compiler_options=compiler.options(platform) or None)
   clock.lap("compile")
   host_part_values = jax.block_until_ready(compiled(*jax.device_put((rng, draws), host_cpu)))
-  del draws
   clock.lap("run")
   equal = equal_on_all_processes(host_part_values)
   if jax.process_count() > 1:

@@ -48,9 +48,8 @@ def test_a_cpu_reports_no_limit_and_auto_compiles_without_remat():
   assert build.create_model(config).unet.remat_policy == "none"  # Inference: no backward pass to save on.
 
 
-@pytest.mark.slow  # Five compiles of a small step (~50 s on 2 cores).
 def test_auto_picks_the_least_recompute_that_fits_and_a_step_that_cannot_fit_is_a_clear_error(monkeypatch):
-  # Nothing fits in 1 byte: every policy tried is reported with XLA's count, and what to change.
+  # Five compiles of a small step (~20 s on 2 cores). Nothing fits in 1 byte: every policy tried is reported with XLA's count, and what to change.
   monkeypatch.setattr(memory_fit, "AUTO_ORDER", ("none", "dots"))
   with pytest.raises(memory_fit.DoesNotFit) as raised:
     _compile(_config("auto"), 1, monkeypatch)
