@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -149,7 +150,8 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   different values.
 
   Where the time went is logged, and added to `seconds` if given: "trace" (shapes, shardings, tracing and
-  lowering), "draw" (numpy's draws), "compile", "run", "place" (the transfers to the devices), "fill" (the
+  lowering), "draw" (numpy's draws), "compile" (what is left of the compiles, which run on other threads
+  while numpy draws), "run", "place" (the transfers to the devices), "fill" (the
   host path's program on the devices) and, with several processes, "compare" (the CRC check). `shapes`:
   gives `state_shapes(model, tx)`, kept from an earlier trace (build.Run.state_shapes); called within the
   trace phase.
@@ -166,15 +168,26 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   if on_host is None:
     on_host = (platform != "cpu" and draw_on_host
                and _fits_in_host_memory((nn.unbox(boxed.params), draw_shapes), "parameters and their draws"))
+  lower_on_devices = lambda shapes_of_draws: _lower_on_devices(
+      rng, model, tx, counts, shapes_of_draws, shardings, mesh, rules, replicate_indivisible)
+  device_options = _cpu_init_options() if platform == "cpu" else compiler.options(platform)
+  # The programs compile on other threads while numpy draws: neither needs the other's result.
+  if on_host:
+    compiling = _compile_in_background(*_lower_host_path(rng, model, tx, traced, shardings, host_cpu,
+                                                         draw_shapes if draw_on_host else None))
+  else:
+    lowered, draw_shardings = lower_on_devices(draw_shapes if draw_on_host else None)
+    compiling = _compile_in_background((lowered, device_options))
   clock.lap("trace")
   draws = initializers.draw_on_host(rng, counts) if draw_on_host else None
   if draws is not None:
     clock.lap("draw")
   if on_host:
-    state = _create_from_host(rng, draws, model, tx, traced, shardings, clock)
+    state = _run_host_path(rng, draws, host_cpu, compiling, shardings, clock)
     if state is not None:
+      logging.info("Train state (%.2f GiB) created from parameters made on the host CPU: %s.",
+                   _nbytes(boxed) / 2**30, clock)
       return state, shardings
-    draws = None
   elif draws is not None and jax.process_count() > 1:
     equal = equal_on_all_processes(draws)
     clock.lap("compare")
@@ -182,18 +195,12 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
       logging.warning("The random draws made on the hosts differ between processes; drawing on the devices "
                       "with threefry instead (other values, equal everywhere).")
       draws = None
-  options = _cpu_init_options() if platform == "cpu" else compiler.options(platform)
-  draw_shardings = None
-  if draws is not None:
-    boxed_draws = [nn.Partitioned(s, names=(None, *group.axes)) for s, group in zip(draw_shapes, counts)]
-    draw_shardings = mesh_lib.logical_to_sharding(boxed_draws, mesh, rules,
-                                                  replicate_indivisible=replicate_indivisible)
-  init = jax.jit(lambda r, d: nn.unbox(_init_state(r, model, tx, counts, draws=d)), out_shardings=shardings)
-  with mesh_lib.activate(mesh, rules):
-    lowered = init.lower(rng, None if draws is None else [
-        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in zip(draw_shapes, draw_shardings)])
-  clock.lap("trace")
-  compiled = lowered.compile(compiler_options=options or None)
+  if on_host or (draw_on_host and draws is None):  # A fallback: threefry's draws on the devices.
+    draws = None
+    lowered, draw_shardings = lower_on_devices(None)
+    compiling = _compile_in_background((lowered, device_options))
+    clock.lap("trace")
+  compiled, = [future.result() for future in compiling]
   clock.lap("compile")
   if draws is not None:
     draws = jax.block_until_ready(jax.tree.map(_place_from_host, draws, draw_shardings))
@@ -205,14 +212,38 @@ def create_train_state(rng: jax.Array, model: DiffusionModel, tx: optax.Gradient
   return state, shardings
 
 
-def _create_from_host(rng: jax.Array, draws: list | None, model: DiffusionModel,
-                      tx: optax.GradientTransformation, traced: StateShapes, shardings: Any,
-                      clock: _PhaseClock) -> TrainState | None:
-  """create_train_state's host path: the parameters (and the state's key) computed on the host CPU and
-  placed, then the rest of the state filled in on the devices, where it costs no host memory, first-touch
-  page faults nor transfers. None where the processes' parameters differ (the caller falls back)."""
-  host_cpu = _host_cpu()
+def _compile_in_background(*programs: tuple[Any, dict[str, Any] | None]) -> list[concurrent.futures.Future]:
+  """Starts compiling each (lowered program, XLA options) on a thread of its own; returns their futures.
+  XLA releases the GIL while it compiles, as numpy does while it draws."""
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(programs), thread_name_prefix="compile_init")
+  futures = [pool.submit(lowered.compile, compiler_options=options or None) for lowered, options in programs]
+  pool.shutdown(wait=False)
+  return futures
 
+
+def _lower_on_devices(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation, counts: dict,
+                      draw_shapes: list | None, shardings: Any, mesh, rules,
+                      replicate_indivisible: bool) -> tuple[Any, list | None]:
+  """The whole initializer as one program on the mesh, from host draws of `draw_shapes` (placed in their
+  groups' shardings, also returned) or, where None, with threefry's draws."""
+  draw_shardings = None
+  if draw_shapes is not None:
+    boxed_draws = [nn.Partitioned(s, names=(None, *group.axes)) for s, group in zip(draw_shapes, counts)]
+    draw_shardings = mesh_lib.logical_to_sharding(boxed_draws, mesh, rules,
+                                                  replicate_indivisible=replicate_indivisible)
+  init = jax.jit(lambda r, d: nn.unbox(_init_state(r, model, tx, counts, draws=d)), out_shardings=shardings)
+  with mesh_lib.activate(mesh, rules):
+    lowered = init.lower(rng, None if draw_shapes is None else [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in zip(draw_shapes, draw_shardings)])
+  return lowered, draw_shardings
+
+
+def _lower_host_path(rng: jax.Array, model: DiffusionModel, tx: optax.GradientTransformation,
+                     traced: StateShapes, shardings: Any, host_cpu: Any, draw_shapes: list | None
+                     ) -> tuple[tuple[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]:
+  """The host path's two programs, each with its XLA options: on the host CPU, (rng, draws) → (the
+  parameters, the state's key); on the devices, those placed (and donated) → the whole state, where the
+  rest (EMA copy, optimizer zeros) costs no host memory, first-touch page faults nor transfers."""
   def host_part(r, d):
     init_rng, state_rng = jax.random.split(r)
     return nn.unbox(_init_params(init_rng, model, traced.counts, draws=d)), state_rng
@@ -220,19 +251,25 @@ def _create_from_host(rng: jax.Array, draws: list | None, model: DiffusionModel,
   # No mesh is active: the logical constraints in the initializer are no-ops on the one host device.
   on_cpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                           sharding=jax.sharding.SingleDeviceSharding(host_cpu))
-  lowered = jax.jit(host_part).lower(on_cpu(rng), None if draws is None else [on_cpu(d) for d in draws])
-  part_shardings = (shardings.params, shardings.rng)
+  host_lowered = jax.jit(host_part).lower(on_cpu(rng), None if draw_shapes is None else
+                                          [on_cpu(d) for d in draw_shapes])
   # The placed parameters are donated: the state's `params` are those buffers, `ema_params` a copy.
   fill = jax.jit(lambda params, state_rng: _state_from_params(params, state_rng, tx),
                  out_shardings=shardings, donate_argnums=0)
   fill_lowered = fill.lower(*jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                          nn.unbox((traced.boxed.params, traced.boxed.rng)), part_shardings))
-  clock.lap("trace")
-  compiled = lowered.compile(compiler_options=_cpu_init_options())
+                                          nn.unbox((traced.boxed.params, traced.boxed.rng)),
+                                          (shardings.params, shardings.rng)))
   platform = next(iter(shardings.rng.device_set)).platform
-  fill_compiled = fill_lowered.compile(compiler_options=compiler.options(platform) or None)
+  return (host_lowered, _cpu_init_options()), (fill_lowered, compiler.options(platform))
+
+
+def _run_host_path(rng: jax.Array, draws: list | None, host_cpu: Any, compiling: list, shardings: Any,
+                   clock: _PhaseClock) -> TrainState | None:
+  """Runs `_lower_host_path`'s programs (`compiling`: their futures): the state, or None where the
+  processes' parameters differ (the caller falls back)."""
+  host_program, fill_program = [future.result() for future in compiling]
   clock.lap("compile")
-  host_part_values = jax.block_until_ready(compiled(*jax.device_put((rng, draws), host_cpu)))
+  host_part_values = jax.block_until_ready(host_program(*jax.device_put((rng, draws), host_cpu)))
   clock.lap("run")
   equal = equal_on_all_processes(host_part_values)
   if jax.process_count() > 1:
@@ -241,13 +278,12 @@ def _create_from_host(rng: jax.Array, draws: list | None, model: DiffusionModel,
     logging.warning("The parameters initialized on the host CPUs differ between processes; initializing the "
                     "state on the devices with threefry's draws instead (other values, equal everywhere).")
     return None
-  placed = jax.block_until_ready(jax.tree.map(_place_from_host, host_part_values, part_shardings))
+  placed = jax.block_until_ready(jax.tree.map(_place_from_host, host_part_values,
+                                              (shardings.params, shardings.rng)))
   del host_part_values
   clock.lap("place")
-  state = jax.block_until_ready(fill_compiled(*placed))
+  state = jax.block_until_ready(fill_program(*placed))
   clock.lap("fill")
-  logging.info("Train state (%.2f GiB) created from parameters made on the host CPU: %s.",
-               _nbytes(traced.boxed) / 2**30, clock)
   return state
 
 
