@@ -114,7 +114,8 @@ def our_config(preset: Preset, dtype: str | None = None, attention: str = "auto"
   config.model.autoencoder = "pixels"  # The inputs stand for latents; neither side runs a VAE.
   config.model.dtype = dtype or preset.dtype
   config.model.attention = attention
-  config.model.remat_policy = "none"
+  config.model.remat_policy = "none"  # The comparison: no remat, the whole batch in one pass.
+  config.auto_gradient_accumulation = False
   config.text.max_length = preset.context_length
   te = config.model.text_encoder
   te.width, te.depth, te.num_heads, te.mlp_ratio = preset.context_width, 1, max(preset.context_width // 64, 1), 4

@@ -104,10 +104,13 @@ def _cost_flops(stage) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _peak_mib(compiled) -> float | None:
-  """Arguments + outputs + temporaries − donated (aliased) buffers, MiB: what the step needs resident."""
+def _memory_mib(compiled) -> dict[str, float | None]:
+  """'peak_mib': arguments + outputs + temporaries − donated (aliased) buffers, what the step needs
+  resident (memory_fit.Footprint.peak, as a training job checks it); 'temp_mib': the temporaries alone."""
   footprint = memory_fit.Footprint.of(compiled)
-  return None if footprint is None else round(footprint.peak / 2**20, 2)
+  if footprint is None:
+    return {"peak_mib": None, "temp_mib": None}
+  return {"peak_mib": round(footprint.peak / 2**20, 2), "temp_mib": round(footprint.temporaries / 2**20, 2)}
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -283,8 +286,8 @@ class Bench:
     made = self.compile_step(self.run, self.run.abstract_state(), self.abstract_batch())
     self._steps["ours"] = CompiledStep(made.compiled, {"state": state}, self.batch(), {
         "create_state_s": create_s, "create_state_phases_s": phases, "compile_s": made.compile_s,
-        "lower_s": made.lower_s,
-        "step_gflop": _gflop(_cost_flops(made.compiled)), "peak_mib": _peak_mib(made.compiled)}, made.lowered)
+        "lower_s": made.lower_s, "step_gflop": _gflop(_cost_flops(made.compiled)),
+        "peak_mib": _memory_mib(made.compiled)["peak_mib"]}, made.lowered)
     return self._steps["ours"]
 
   # The peer.
@@ -321,7 +324,8 @@ class Bench:
     compiled = step.lower(state, batch).compile(compiler_options=options or None)
     compile_s = time.perf_counter() - start
     self._steps[key] = CompiledStep(compiled, {"state": state}, batch, {
-        "compile_s": compile_s, "step_gflop": _gflop(_cost_flops(compiled)), "peak_mib": _peak_mib(compiled)})
+        "compile_s": compile_s, "step_gflop": _gflop(_cost_flops(compiled)),
+        "peak_mib": _memory_mib(compiled)["peak_mib"]})
     return self._steps[key]
 
   def peer_forward(self, params, x_nchw, t, context):
@@ -675,9 +679,7 @@ def bench_memory(bench: Bench, steps: int, blocks: int) -> dict:
     jax.block_until_ready(step.run_once())
     row["step_s"] = statistics.median(interleaved_seconds({policy: step.run_once}, blocks, steps)[policy])
     del step
-    row["peak_mib"] = _peak_mib(compiled)
-    mem = compiled.memory_analysis()
-    row["temp_mib"] = round(mem.temp_size_in_bytes / 2**20, 2) if mem is not None else None
+    row.update(_memory_mib(compiled))
     out[policy] = row
   limit = memory_fit.device_limit(jax.devices()[:1])
   if limit is not None:  # What remat_policy=auto would train with, of the policies measured here.

@@ -64,9 +64,11 @@ def get_config():
   config.optimizer.ema_decay = 0.9999
   config.batch_size = 2048
   config.num_train_steps = 400_000  # Ho & Salimans' 64×64 models (ADM trained 540k).
-  # A batch this size needs a pod; where its step does not fit without remat, the least recompute that does
-  # (memory_fit.py). A CPU or a roomy device compiles it once, without remat.
+  # A batch this size needs a pod. Where its step does not fit without remat: the least recompute that does,
+  # and on a smaller slice, as many micro-batches as needed (the same batch and update; memory_fit.py).
+  # A CPU or a roomy device compiles it once, as configured.
   config.model.remat_policy = "auto"
+  config.auto_gradient_accumulation = True
 
   config.sampling.sampler = "ddpm"  # Ancestral, with the learned variance.
   config.sampling.num_steps = 250

@@ -67,9 +67,11 @@ def get_config():
   config.batch_size = 2048
   config.num_train_steps = 595_000
   config.model.dtype = "bfloat16"
-  # A batch this size needs a pod; where its step does not fit without remat, the least recompute that does
-  # (memory_fit.py). A CPU or a roomy device compiles it once, without remat.
+  # A batch this size needs a pod. Where its step does not fit without remat: the least recompute that does,
+  # and on a smaller slice, as many micro-batches as needed (the same batch and update; memory_fit.py).
+  # A CPU or a roomy device compiles it once, as configured.
   config.model.remat_policy = "auto"
+  config.auto_gradient_accumulation = True
 
   config.sampling.sampler = "ddim"
   config.sampling.num_steps = 50

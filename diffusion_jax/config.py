@@ -49,6 +49,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # with fixed timesteps and noise, using the EMA parameters.
   c.eval_num_examples = 256
   c.gradient_accumulation_steps = 1  # Micro-batches per step (same update as one big batch).
+  # Where the train step does not fit the devices' memory with gradient_accumulation_steps micro-batches,
+  # split the batch into more (the fewest that fit: same global batch and update; memory_fit.py).
+  c.auto_gradient_accumulation = False
   # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
   c.max_consecutive_nonfinite_steps = 10
 
@@ -271,6 +274,8 @@ POSITIVE_INTEGERS = (
     "model.unet.num_res_blocks",
     "model.unet.head_dim", "model.unet.norm_groups", "eval.num_samples", "eval.batch_size")
 
+BOOLEANS = ("diffusion.learn_sigma", "auto_gradient_accumulation")
+
 
 def _check_model_shapes(config: ml_collections.ConfigDict) -> None:
   """Channel counts that the layers would reject only at initialization, with a long traceback."""
@@ -392,8 +397,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}={given[key]!r} must be a positive integer")
   for key, (lo, hi, lo_open, hi_open) in NUMERIC_RANGES.items():
     _check_range(key, given[key], lo, hi, lo_open=lo_open, hi_open=hi_open)
-  if not isinstance(config.diffusion.learn_sigma, bool):
-    raise UserError(f"config.diffusion.learn_sigma={config.diffusion.learn_sigma!r} must be True or False")
+  for key in BOOLEANS:
+    if not isinstance(given[key], bool):
+      raise UserError(f"config.{key}={given[key]!r} must be True or False")
   if config.diffusion.zero_terminal_snr and config.diffusion.prediction_type == "eps":
     raise UserError("config.diffusion.zero_terminal_snr=True needs prediction_type 'v' or 'x0': ε "
                     "prediction cannot recover x0 where alphas_cumprod is 0")

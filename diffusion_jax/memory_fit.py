@@ -1,4 +1,4 @@
-"""The train step compiled to fit its devices' memory: the remat policy, checked against XLA's own count.
+"""The train step compiled to fit its devices' memory: remat policy and micro-batches, checked against XLA's count.
 
 After compiling, XLA reports what the program needs per device (`compiled.memory_analysis()`: its
 arguments, outputs, donated outputs written in place, temporaries and code); the devices report how much
@@ -8,8 +8,11 @@ runtime, after the state was created; here it stops at start-up with the sizes a
 `model.remat_policy = 'auto'` the policies are compiled in order of less recomputation until one fits:
 'none' (every activation kept for the backward pass), 'dots' (matmul and convolution outputs kept, the
 elementwise chains recomputed), 'dots_no_batch' (only the outputs of matmuls without batch dimensions
-kept), 'full' (each block recomputed from its input). A job whose step fits without remat compiles once,
-as before. Inference has no backward pass: it builds the model without remat ('auto' is 'none' there).
+kept), 'full' (each block recomputed from its input). With `auto_gradient_accumulation` the global batch
+(the training recipe) stays as configured and its micro-batch per device shrinks until the step fits:
+the batch size per device that the memory allows, chosen without changing what is trained. A job whose
+step fits as configured compiles once, as before. Inference has no backward pass: it builds the model
+without remat ('auto' is 'none' there).
 """
 
 from __future__ import annotations
@@ -102,16 +105,60 @@ def with_remat(run: Any, policy: str) -> Any:
   return dataclasses.replace(run, model=run.model.clone(unet=unet.clone(remat_policy=policy)))
 
 
-def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> tuple[Any, str]:
-  """(the jitted train step, its remat policy), compiled for `abstract_state` and the global batch; the
-  jitted step reuses that program at its first call. Raises DoesNotFit where the step does not fit the
-  devices' memory (config.model.remat_policy given), or no policy does ('auto')."""
-  requested = run.config.model.remat_policy
-  policies = AUTO_ORDER if requested == AUTO else (requested,)
+def with_accumulation(run: Any, steps: int) -> Any:
+  """`run` whose train step splits the (unchanged) global batch into `steps` micro-batches."""
+  if run.config.gradient_accumulation_steps == steps:
+    return run
+  config = run.config.copy_and_resolve_references()  # A Run's config is never modified.
+  config.gradient_accumulation_steps = steps
+  return dataclasses.replace(run, config=config)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFit:
+  """What compile_train_step chose: the step's remat policy and micro-batches, and its Footprint (None
+  where the backend gives no memory analysis)."""
+
+  remat_policy: str
+  gradient_accumulation_steps: int
+  footprint: Footprint | None
+
+
+def accumulation_candidates(config: Any, data_parallel: int) -> tuple[int, ...]:
+  """The micro-batch counts to try, fewest first: config.gradient_accumulation_steps, and with
+  config.auto_gradient_accumulation each multiple of it that divides the batch per data-parallel device
+  (down to micro-batches of one example per device)."""
+  k = config.gradient_accumulation_steps
+  if not config.auto_gradient_accumulation:
+    return (k,)
+  per_device = config.batch_size // data_parallel
+  return tuple(m for m in range(k, per_device + 1, k) if per_device % m == 0)
+
+
+def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> tuple[Any, StepFit]:
+  """(the jitted train step, what it was compiled with), for `abstract_state` and the global batch; the
+  jitted step reuses that program at its first call, and reads its micro-batch count from its own config
+  (the one in the returned StepFit's run, not necessarily `run.config`).
+
+  Where the devices report a memory limit, candidates are compiled until one fits: the configured micro-
+  batches with each remat policy (config.model.remat_policy, or each of AUTO_ORDER for 'auto'), then, with
+  config.auto_gradient_accumulation, more micro-batches. Remat is tried first: it adds compute (at most one
+  more forward pass), while each further micro-batch runs every matmul on fewer rows, reads every weight
+  again and, with fsdp, all-gathers the parameters again. From the second micro-batch count on, 'auto'
+  compiles 'full' first (it keeps the fewest activations): if even that does not fit, the count is skipped
+  after one compile. Raises DoesNotFit where nothing tried fits.
+  """
+  config = run.config
+  auto_remat = config.model.remat_policy == AUTO
+  choosing = auto_remat or config.auto_gradient_accumulation  # Keeps AUTO_HEADROOM free.
+  policies = AUTO_ORDER if auto_remat else (config.model.remat_policy,)
   limit = device_limit(run.mesh.devices.flat)
-  tried = {}  # policy: its Footprint, or the compiler's out-of-memory message
-  for policy in policies:
-    candidate = with_remat(run, policy)
+  tried = {}  # (policy, micro-batches): its Footprint, or the compiler's out-of-memory message
+
+  def attempt(policy: str, steps: int) -> tuple[Any, StepFit] | None:
+    if any(isinstance(f, Footprint) and not fits(f.peak - f.temporaries, limit[0], choosing) for f in tried.values()):
+      return None  # The state in and out and the batch alone do not fit: no policy or count changes them.
+    candidate = with_remat(with_accumulation(run, steps), policy)
     step_fn = make_train_step(candidate, state_shardings)
     try:
       with mesh_lib.activate(run.mesh, run.rules):  # As in the training loop, which calls the step.
@@ -119,30 +166,55 @@ def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> t
     except jax.errors.JaxRuntimeError as exc:  # A TPU compiler checks its memory itself.
       if "RESOURCE_EXHAUSTED" not in str(exc) or limit is None:
         raise
-      tried[policy] = str(exc).splitlines()[0]
-      continue
+      tried[policy, steps] = str(exc).splitlines()[0]
+      return None
     footprint = Footprint.of(compiled)
-    if limit is None or footprint is None or fits(footprint.peak, limit[0], auto=requested == AUTO):
-      if limit is not None and footprint is not None:
-        logging.info("Train step (remat_policy=%s): %s per device, of the %s that %s holds.", policy,
-                     footprint.describe(), _gib(limit[0]), limit[1])
-      elif requested == AUTO:
-        logging.info("remat_policy=auto: the devices report no memory limit; compiled without remat.")
-      return step_fn, policy
-    tried[policy] = footprint
-  raise DoesNotFit(_does_not_fit(run.config, requested, tried, limit), tried)
+    if limit is None or footprint is None or fits(footprint.peak, limit[0], choosing):
+      return step_fn, StepFit(policy, steps, footprint)
+    tried[policy, steps] = footprint
+    return None
+
+  def first_that_fits(order: Sequence[str], steps: int) -> tuple[Any, StepFit] | None:
+    return next(filter(None, (attempt(policy, steps) for policy in order)), None)
+
+  found = None
+  for i, steps in enumerate(accumulation_candidates(config, mesh_lib.data_parallel_size(run.mesh))):
+    if auto_remat and i > 0:
+      fewest = attempt(AUTO_ORDER[-1], steps)
+      found = fewest and (first_that_fits(AUTO_ORDER[:-1], steps) or fewest)
+    else:
+      found = first_that_fits(policies, steps)
+    if found:
+      break
+  if found is None:
+    raise DoesNotFit(_does_not_fit(config, tried, limit, choosing), tried)
+  step_fn, fit = found
+  if limit is not None and fit.footprint is not None:
+    logging.info("Train step (remat_policy=%s, gradient_accumulation_steps=%d): %s per device, of the %s "
+                 "that %s holds.", fit.remat_policy, fit.gradient_accumulation_steps, fit.footprint.describe(),
+                 _gib(limit[0]), limit[1])
+  elif auto_remat:
+    logging.info("remat_policy=auto: the devices report no memory limit; compiled without remat.")
+  return step_fn, fit
 
 
-def _does_not_fit(config, requested: str, tried: dict[str, Any], limit: tuple[int, Any]) -> str:
-  sizes = "; ".join(f"remat_policy={policy}: {f.describe() if isinstance(f, Footprint) else f}"
-                    for policy, f in tried.items())
-  share = f"{AUTO_HEADROOM:.0%} of " if requested == AUTO else ""
-  remedies = [f"lower batch_size (now {config.batch_size}) and raise gradient_accumulation_steps (now "
-              f"{config.gradient_accumulation_steps}) to keep the batch",
-              "shard the state over more devices (mesh.shape's fsdp axis)"]
+def _does_not_fit(config, tried: dict[Any, Any], limit: tuple[int, Any], choosing: bool) -> str:
+  several_counts = len({steps for _, steps in tried}) > 1
+  sizes = "; ".join(f"remat_policy={policy}" + (f" × {steps} micro-batches" if several_counts else "") + ": "
+                    + (f.describe() if isinstance(f, Footprint) else f) for (policy, steps), f in tried.items())
+  share = f"{AUTO_HEADROOM:.0%} of " if choosing else ""
+  fixed = [f.peak - f.temporaries for f in tried.values() if isinstance(f, Footprint)]
+  if fixed and not fits(min(fixed), limit[0], choosing):
+    sizes += (f"; the state in and out and the batch alone take {_gib(min(fixed))}, which no remat policy or "
+              f"micro-batch count changes")
+  remedies = ["shard the state over more devices (mesh.shape's fsdp axis)"]
+  if not config.auto_gradient_accumulation:
+    remedies.insert(0, f"set auto_gradient_accumulation=True, or lower batch_size (now {config.batch_size}) "
+                       f"and raise gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to keep "
+                       f"the batch")
   if config.model.dtype == "float32":
     remedies.append("compute in bfloat16 (model.dtype)")
-  if requested != AUTO:
+  if config.model.remat_policy != AUTO:
     remedies.insert(0, "set model.remat_policy=auto (tries " + ", ".join(AUTO_ORDER[1:]) + ")")
   return (f"The train step does not fit in device memory: {sizes}; {limit[1]} holds {share}{_gib(limit[0])}. "
           f"To fit: " + "; or ".join(remedies) + ".")

@@ -50,8 +50,8 @@ def read_config(path: paths.PathLike):
 # only the float summation order).
 RESUME_SAFE_KEYS = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
                     "max_checkpoints_to_keep", "keep_best_checkpoints", "max_consecutive_nonfinite_steps",
-                    "gradient_accumulation_steps", "eval_num_examples", "dataset.data_dir",
-                    "dataset.cache_in_memory",
+                    "gradient_accumulation_steps", "auto_gradient_accumulation", "eval_num_examples",
+                    "dataset.data_dir", "dataset.cache_in_memory",
                     "model.remat_policy", "model.attention", "mesh.", "sampling.")
 
 

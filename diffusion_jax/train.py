@@ -89,7 +89,11 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
       generation.compile_generate(sample_fn, abstract.ema_params, run.conditioning, requests,
                                   config.sampling.negative_prompt)
       eval_loss.compile(abstract.ema_params)
-  step_fn, _ = step_compiled.result()  # Raises what the compilation raised.
+  step_fn, fit = step_compiled.result()  # Raises what the compilation raised.
+  if fit.gradient_accumulation_steps != config.gradient_accumulation_steps:
+    logging.info("auto_gradient_accumulation: the batch of %d runs as %d micro-batches (configured: %d), "
+                 "the fewest whose step fits the devices' memory.", config.batch_size,
+                 fit.gradient_accumulation_steps, config.gradient_accumulation_steps)
   logging.info("Training from step %d to %d.", initial_step, config.num_train_steps)
   stop = False
   try:
@@ -154,8 +158,8 @@ def _train_and_evaluate(config, workdir: paths.epath.Path, preempt: preemption.P
 
 def compile_in_background(run, abstract_state) -> concurrent.futures.Future:
   """Starts compiling the train step for the state's and the global batch's shapes and shardings on
-  another thread (`memory_fit.compile_train_step`: with the remat policy that fits); returns the future of
-  (the jitted step, its remat policy).
+  another thread (`memory_fit.compile_train_step`: with a remat policy and micro-batch count that fit);
+  returns the future of (the jitted step, its memory_fit.StepFit).
 
   Meanwhile this thread prepares the data and creates or restores the state. Both sides are mostly
   one-core work (XLA compiles, dataset preparation, checkpoint reads), so start-up costs about the longer

@@ -145,6 +145,8 @@ def test_every_float_option_rejects_nan_and_inf(key, value):
     ("model.unet.norm_groups", 5, "norm_groups=5 does not divide the 16 channels of level 0"),
     ("model.unet.head_dim", 24, "head_dim=24 does not divide the 32 channels of level 1"),
     ("model.text_encoder.num_heads", 3, "num_heads=3 does not divide width=32"),
+    ("auto_gradient_accumulation", None, "auto_gradient_accumulation=None must be True or False"),
+    ("diffusion.learn_sigma", None, "learn_sigma=None must be True or False"),
 ])
 def test_out_of_range_values_are_rejected_before_training(key, value, message):
   config = tiny_config()
