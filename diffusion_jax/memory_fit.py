@@ -5,8 +5,8 @@ arguments, outputs, donated outputs written in place, temporaries and code); the
 their allocator may hold (`memory_stats()['bytes_limit']`; a CPU reports nothing, so nothing is
 checked there). A step that cannot fit fails at its first call with an out-of-memory error deep in the
 runtime, after the state was created; here it stops at start-up with the sizes and what to change. With
-`model.remat_policy = 'auto'` the policies are compiled in order of less recomputation until one fits:
-'none' (every activation kept for the backward pass), 'dots' (matmul and convolution outputs kept, the
+`model.remat_policy = 'auto'` the step trains with the least recomputation that fits (compile order:
+compile_train_step): 'none' (every activation kept for the backward pass), 'dots' (matmul and convolution outputs kept, the
 elementwise chains recomputed), 'dots_no_batch' (only the outputs of matmuls without batch dimensions
 kept), 'full' (each block recomputed from its input). With `auto_gradient_accumulation` the global batch
 (the training recipe) stays as configured and its micro-batch per device shrinks until the step fits:
@@ -137,27 +137,41 @@ def accumulation_candidates(config: Any, data_parallel: int) -> tuple[int, ...]:
 
 def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> tuple[Any, StepFit]:
   """(the jitted train step, what it was compiled with), for `abstract_state` and the global batch; the
-  jitted step reuses that program at its first call, and reads its micro-batch count from its own config
-  (the one in the returned StepFit's run, not necessarily `run.config`).
+  jitted step reuses that program at its first call, and splits the batch into the StepFit's micro-batches
+  (not necessarily run.config's).
 
   Where the devices report a memory limit, candidates are compiled until one fits: the configured micro-
-  batches with each remat policy (config.model.remat_policy, or each of AUTO_ORDER for 'auto'), then, with
-  config.auto_gradient_accumulation, more micro-batches. Remat is tried first: it adds compute (at most one
+  batch count with each remat policy (config.model.remat_policy, or those of AUTO_ORDER for 'auto'), then,
+  with config.auto_gradient_accumulation, larger counts. Remat comes first: it adds compute (at most one
   more forward pass), while each further micro-batch runs every matmul on fewer rows, reads every weight
-  again and, with fsdp, all-gathers the parameters again. From the second micro-batch count on, 'auto'
-  compiles 'full' first (it keeps the fewest activations): if even that does not fit, the count is skipped
-  after one compile. Raises DoesNotFit where nothing tried fits.
+  again and, with fsdp, all-gathers the parameters again. At each count 'auto' compiles 'none', then 'full'
+  (the fewest activations kept: where it does not fit, no policy does, and the count is left), then the
+  policies between. Candidates that cannot fit by what was compiled already are not compiled: where the
+  state and the batch alone exceed the limit, and where a policy's temporaries, shrunk in proportion to
+  the smaller micro-batch, would still not fit (activations shrink at most that fast; the accumulated
+  gradients do not shrink). Raises DoesNotFit where nothing fits.
   """
   config = run.config
   auto_remat = config.model.remat_policy == AUTO
   choosing = auto_remat or config.auto_gradient_accumulation  # Keeps AUTO_HEADROOM free.
-  policies = AUTO_ORDER if auto_remat else (config.model.remat_policy,)
   limit = device_limit(run.mesh.devices.flat)
   tried = {}  # (policy, micro-batches): its Footprint, or the compiler's out-of-memory message
 
+  def cannot_fit(policy: str, steps: int) -> bool:
+    for (other, other_steps), f in tried.items():
+      if not isinstance(f, Footprint):
+        continue
+      state_and_batch = f.peak - f.temporaries
+      if not fits(state_and_batch, limit[0], choosing):
+        return True  # No policy or micro-batch count changes the state in and out or the batch.
+      if other in (policy, AUTO_ORDER[-1]) and not fits(state_and_batch + f.temporaries * other_steps // steps,
+                                                        limit[0], choosing):
+        return True
+    return False
+
   def attempt(policy: str, steps: int) -> tuple[Any, StepFit] | None:
-    if any(isinstance(f, Footprint) and not fits(f.peak - f.temporaries, limit[0], choosing) for f in tried.values()):
-      return None  # The state in and out and the batch alone do not fit: no policy or count changes them.
+    if cannot_fit(policy, steps):
+      return None
     candidate = with_remat(with_accumulation(run, steps), policy)
     step_fn = make_train_step(candidate, state_shardings)
     try:
@@ -174,18 +188,18 @@ def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> t
     tried[policy, steps] = footprint
     return None
 
-  def first_that_fits(order: Sequence[str], steps: int) -> tuple[Any, StepFit] | None:
-    return next(filter(None, (attempt(policy, steps) for policy in order)), None)
+  def best_at(steps: int) -> tuple[Any, StepFit] | None:
+    if not auto_remat:
+      return attempt(config.model.remat_policy, steps)
+    least, *between, fewest = AUTO_ORDER
+    if found := attempt(least, steps):
+      return found
+    if (fallback := attempt(fewest, steps)) is None:
+      return None
+    return next(filter(None, (attempt(policy, steps) for policy in between)), fallback)
 
-  found = None
-  for i, steps in enumerate(accumulation_candidates(config, mesh_lib.data_parallel_size(run.mesh))):
-    if auto_remat and i > 0:
-      fewest = attempt(AUTO_ORDER[-1], steps)
-      found = fewest and (first_that_fits(AUTO_ORDER[:-1], steps) or fewest)
-    else:
-      found = first_that_fits(policies, steps)
-    if found:
-      break
+  counts = accumulation_candidates(config, mesh_lib.data_parallel_size(run.mesh))
+  found = next(filter(None, map(best_at, counts)), None)
   if found is None:
     raise DoesNotFit(_does_not_fit(config, tried, limit, choosing), tried)
   step_fn, fit = found

@@ -93,8 +93,8 @@ def test_auto_gradient_accumulation_takes_the_fewest_micro_batches_that_fit(monk
   # Three compiles of a small step (~15 s). The footprints are XLA's count of the real programs.
   _, two, _, _ = _compile(_config("none", gradient_accumulation_steps=2), None, monkeypatch)
   with pytest.raises(memory_fit.DoesNotFit) as raised:  # 1 byte: the state alone does not fit.
-    _compile(_config("none", auto_gradient_accumulation=True), 1, monkeypatch)
-  assert list(raised.value.tried) == [("none", 1)]  # Stopped after one compile: no count can help.
+    _compile(_config("auto", auto_gradient_accumulation=True), 1, monkeypatch)
+  assert list(raised.value.tried) == [("none", 1)]  # Stopped after one compile: no policy or count can help.
   assert "the state in and out and the batch alone take" in str(raised.value)
   one = raised.value.tried["none", 1]
   # Two micro-batches of 8 keep half the activations: same state in and out, fewer temporaries.
@@ -120,21 +120,23 @@ def test_the_micro_batch_counts_tried_divide_the_batch_per_device():
   assert memory_fit.accumulation_candidates(config, 2) == (2,)
 
 
-@pytest.mark.parametrize("remat_policy, limit, expected_calls, expected_fit", [
-    # auto remat: all four at the configured count; from then on 'full' probes each count first.
-    ("auto", 95, [("none", 1), ("dots", 1), ("dots_no_batch", 1), ("full", 1), ("full", 2), ("full", 4),
-                  ("none", 4), ("dots", 4)], ("dots", 4)),
-    # When only 'full' fits at a count, it is taken there.
-    ("auto", 72, [("none", 1), ("dots", 1), ("dots_no_batch", 1), ("full", 1), ("full", 2), ("full", 4),
-                  ("none", 4), ("dots", 4), ("dots_no_batch", 4)], ("full", 4)),
+@pytest.mark.parametrize("remat_policy, limit, shared_temporaries, expected_calls, expected_fit", [
+    # auto: 'none', then 'full'; where full does not fit, the count is left. 2 micro-batches are not compiled:
+    # full's 120 bytes of temporaries at 1 would still be 60 at 2, 40 + 60 > 95.
+    ("auto", 95, 0, [("none", 1), ("full", 1), ("full", 4), ("dots", 4)], ("dots", 4)),
+    # Where only 'full' fits at a count, it is taken there.
+    ("auto", 72, 0, [("none", 1), ("full", 1), ("full", 4), ("dots", 4), ("dots_no_batch", 4)], ("full", 4)),
     # An explicit policy keeps its policy and splits the batch.
-    ("dots", 95, [("dots", 1), ("dots", 2), ("dots", 4)], ("dots", 4)),
+    ("dots", 95, 0, [("dots", 1), ("dots", 4)], ("dots", 4)),
+    # Temporaries that do not shrink with the micro-batch (the accumulated gradients) only make the skipping
+    # more cautious: 4 micro-batches (190 bytes) are skipped, 8 (140) compiled.
+    ("none", 150, 50, [("none", 1), ("none", 8)], ("none", 8)),
 ])
 def test_the_search_order_compiles_the_least_recompute_and_fewest_micro_batches_first(
-    monkeypatch, remat_policy, limit, expected_calls, expected_fit):
+    monkeypatch, remat_policy, limit, shared_temporaries, expected_calls, expected_fit):
   """A model of memory instead of compiles: 40 bytes of state and batch, temporaries that a remat policy
   scales and that shrink with the micro-batch (peaks at 1, 2, 4 micro-batches: none 440, 240, 140; dots
-  240, 140, 90; dots_no_batch 190, 115, 77; full 160, 100, 70)."""
+  240, 140, 90; dots_no_batch 190, 115, 77; full 160, 100, 70), plus `shared_temporaries` that do not."""
   keep = {"none": 400, "dots": 200, "dots_no_batch": 150, "full": 120}  # Temporaries at one micro-batch.
   calls = []
 
@@ -142,7 +144,8 @@ def test_the_search_order_compiles_the_least_recompute_and_fewest_micro_batches_
     policy, steps = candidate.model.unet.remat_policy, candidate.config.gradient_accumulation_steps
     calls.append((policy, steps))
     analysis = types.SimpleNamespace(argument_size_in_bytes=40, output_size_in_bytes=40, alias_size_in_bytes=40,
-                                     temp_size_in_bytes=keep[policy] // steps, generated_code_size_in_bytes=0)
+                                     temp_size_in_bytes=shared_temporaries + keep[policy] // steps,
+                                     generated_code_size_in_bytes=0)
     compiled = types.SimpleNamespace(memory_analysis=lambda: analysis)
     return types.SimpleNamespace(lower=lambda *args: types.SimpleNamespace(compile=lambda: compiled))
 
