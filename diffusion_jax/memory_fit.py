@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from diffusion_jax.errors import UserError
 from diffusion_jax.models import unet as unet_lib
@@ -91,6 +93,24 @@ def device_limit(devices: Sequence[Any]) -> tuple[int, Any] | None:
   return min(limits, key=lambda pair: pair[0]) if limits else None
 
 
+def agreed_device_limit(devices: Sequence[Any]) -> tuple[int, Any] | None:
+  """device_limit agreed by all processes: the smallest any process reports (rounded down to KiB, which a
+  32-bit collective holds up to 2 TiB), and None only where none reports one. Every process then compiles
+  the same candidates and trains the same step: a different choice on one host would give the processes
+  programs whose collectives do not match. A collective: every process calls it, from the same thread as
+  its other collectives (not the compile thread)."""
+  local = device_limit(devices)
+  if jax.process_count() == 1:
+    return local
+  kib = np.int32(local[0] // 1024 if local else -1)
+  gathered = np.asarray(multihost_utils.process_allgather(kib)).reshape(-1)  # [processes]
+  if gathered.max() < 0:
+    return None
+  process = int(np.argmin(np.where(gathered < 0, np.iinfo(np.int32).max, gathered)))
+  owner = local[1] if process == jax.process_index() else f"a device of process {process}"
+  return int(gathered[process]) * 1024, owner
+
+
 def fits(peak: int, limit: int, auto: bool) -> bool:
   """Whether a program needing `peak` bytes per device fits a device that may hold `limit` bytes: within
   AUTO_HEADROOM of it when 'auto' chooses, else at all."""
@@ -135,10 +155,12 @@ def accumulation_candidates(config: Any, data_parallel: int) -> tuple[int, ...]:
   return tuple(m for m in range(k, per_device + 1, k) if per_device % m == 0)
 
 
-def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> tuple[Any, StepFit]:
+def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any,
+                       limit: tuple[int, Any] | None) -> tuple[Any, StepFit]:
   """(the jitted train step, what it was compiled with), for `abstract_state` and the global batch; the
   jitted step reuses that program at its first call, and splits the batch into the StepFit's micro-batches
-  (not necessarily run.config's).
+  (not necessarily run.config's). `limit`: (bytes per device, the device) from agreed_device_limit, or
+  None (nothing to check: the step as configured).
 
   Where the devices report a memory limit, candidates are compiled until one fits: the configured micro-
   batch count with each remat policy (config.model.remat_policy, or those of AUTO_ORDER for 'auto'), then,
@@ -154,7 +176,6 @@ def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any) -> t
   config = run.config
   auto_remat = config.model.remat_policy == AUTO
   choosing = auto_remat or config.auto_gradient_accumulation  # Keeps AUTO_HEADROOM free.
-  limit = device_limit(run.mesh.devices.flat)
   tried = {}  # (policy, micro-batches): its Footprint, or the compiler's out-of-memory message
 
   def cannot_fit(policy: str, steps: int) -> bool:

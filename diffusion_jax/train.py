@@ -167,8 +167,9 @@ def compile_in_background(run, abstract_state) -> concurrent.futures.Future:
   shapes would only compile again).
   """
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  limit = memory_fit.agreed_device_limit(run.mesh.devices.flat)  # A collective: on this thread.
   executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_train_step")
-  future = executor.submit(memory_fit.compile_train_step, run, shardings, abstract_state)
+  future = executor.submit(memory_fit.compile_train_step, run, shardings, abstract_state, limit)
   executor.shutdown(wait=False)
   return future
 

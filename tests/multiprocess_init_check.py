@@ -14,7 +14,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from diffusion_jax import build, train_state
+from diffusion_jax import build, memory_fit, train_state
 from diffusion_jax.parallel import distributed
 from tests.conftest import tiny_config
 
@@ -75,6 +75,13 @@ def main():
   report["device_fallback_checked_once"] = calls == [1]
   report["device_fallback_bit_identical_to_threefry"] = bit_identical(device_fallback, threefry_on_devices)
   report["threefry_differs"] = not bit_identical(threefry_on_devices, device_values)
+  # The memory limit that each process's train step is checked against: the same on all, the smallest any
+  # process's devices report (in whole KiB), so that all compile and choose the same step.
+  report["agreed_limit_on_cpus"] = memory_fit.agreed_device_limit(jax.local_devices())
+  for name, limits in (("agreed_limit", {0: (80 * 2**30 + 5, "fake:0"), 1: (70 * 2**30 + 1000, "fake:1")}),
+                       ("agreed_limit_one_reports", {0: None, 1: (70 * 2**30 + 1000, "fake:1")})):
+    memory_fit.device_limit = lambda devices, limits=limits: limits[jax.process_index()]
+    report[name] = memory_fit.agreed_device_limit(jax.local_devices())[0]
   all_reports = multihost_utils.process_allgather(np.frombuffer(json.dumps(report, sort_keys=True).encode()
                                                                 .ljust(1024), np.uint8))
   report["same_report_on_all_processes"] = len({bytes(r) for r in np.asarray(all_reports)}) == 1

@@ -32,7 +32,8 @@ def _compile(config, limit, monkeypatch):
   monkeypatch.setattr(memory_fit, "device_limit", lambda devices: None if limit is None else (limit, "fake:0"))
   run = build.build(config, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
   abstract = run.abstract_state()
-  step_fn, fit = memory_fit.compile_train_step(run, jax.tree.map(lambda a: a.sharding, abstract), abstract)
+  step_fn, fit = memory_fit.compile_train_step(run, jax.tree.map(lambda a: a.sharding, abstract), abstract,
+                                               memory_fit.agreed_device_limit(run.mesh.devices.flat))
   return step_fn, fit, run, abstract
 
 

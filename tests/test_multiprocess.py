@@ -90,6 +90,8 @@ def test_state_initialized_on_each_host_is_laid_out_over_all_processes():
   assert report["fallback_checked_once"] and report["fallback_bit_identical_to_threefry_on_devices"], report
   assert report["threefry_differs"], report
   assert report["device_fallback_checked_once"] and report["device_fallback_bit_identical_to_threefry"], report
+  assert report["agreed_limit_on_cpus"] is None, report
+  assert report["agreed_limit"] == report["agreed_limit_one_reports"] == 70 * 2**30, report
   assert report["same_report_on_all_processes"], report
 
 
