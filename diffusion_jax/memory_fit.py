@@ -6,9 +6,9 @@ their allocator may hold (`memory_stats()['bytes_limit']`; a CPU reports nothing
 checked there). A step that cannot fit fails at its first call with an out-of-memory error deep in the
 runtime, after the state was created; here it stops at start-up with the sizes and what to change. With
 `model.remat_policy = 'auto'` the step trains with the least recomputation that fits (compile order:
-compile_train_step): 'none' (every activation kept for the backward pass), 'dots' (matmul and convolution outputs kept, the
-elementwise chains recomputed), 'dots_no_batch' (only the outputs of matmuls without batch dimensions
-kept), 'full' (each block recomputed from its input). With `auto_gradient_accumulation` the global batch
+compile_train_step): 'none' (every activation kept for the backward pass), 'dots' (matmul and
+convolution outputs kept, the elementwise chains recomputed), 'dots_no_batch' (only the outputs of
+matmuls without batch dimensions kept), 'full' (each block recomputed from its input). With `auto_gradient_accumulation` the global batch
 (the training recipe) stays as configured and its micro-batch per device shrinks until the step fits:
 the batch size per device that the memory allows, chosen without changing what is trained. A job whose
 step fits as configured compiles once, as before. Inference has no backward pass: it builds the model
@@ -222,7 +222,7 @@ def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any,
   counts = accumulation_candidates(config, mesh_lib.data_parallel_size(run.mesh))
   found = next(filter(None, map(best_at, counts)), None)
   if found is None:
-    raise DoesNotFit(_does_not_fit(config, tried, limit, choosing), tried)
+    raise DoesNotFit(_does_not_fit(config, tried, limit, choosing, counts), tried)
   step_fn, fit = found
   if limit is not None and fit.footprint is not None:
     logging.info("Train step (remat_policy=%s, gradient_accumulation_steps=%d): %s per device, of the %s "
@@ -233,10 +233,14 @@ def compile_train_step(run: Any, state_shardings: Any, abstract_state: Any,
   return step_fn, fit
 
 
-def _does_not_fit(config, tried: dict[Any, Any], limit: tuple[int, Any], choosing: bool) -> str:
-  several_counts = len({steps for _, steps in tried}) > 1
-  sizes = "; ".join(f"remat_policy={policy}" + (f" × {steps} micro-batches" if several_counts else "") + ": "
-                    + (f.describe() if isinstance(f, Footprint) else f) for (policy, steps), f in tried.items())
+def _does_not_fit(config, tried: dict[Any, Any], limit: tuple[int, Any], choosing: bool,
+                  counts: Sequence[int]) -> str:
+  several_counts = len(counts) > 1
+  sizes = "; ".join(f"remat_policy={policy}" + (f" with {steps} micro-batch{'es' * (steps > 1)}" if several_counts
+                                                  else "") + ": " + (f.describe() if isinstance(f, Footprint) else f)
+                    for (policy, steps), f in tried.items())
+  if several_counts:  # Counts not compiled were ruled out by the sizes above (compile_train_step).
+    sizes += f"; no count of micro-batches ({', '.join(map(str, counts))}) fits"
   share = f"{AUTO_HEADROOM:.0%} of " if choosing else ""
   fixed = [f.peak - f.temporaries for f in tried.values() if isinstance(f, Footprint)]
   if fixed and not fits(min(fixed), limit[0], choosing):

@@ -97,6 +97,8 @@ def test_auto_gradient_accumulation_takes_the_fewest_micro_batches_that_fit(monk
     _compile(_config("auto", auto_gradient_accumulation=True), 1, monkeypatch)
   assert list(raised.value.tried) == [("none", 1)]  # Stopped after one compile: no policy or count can help.
   assert "the state in and out and the batch alone take" in str(raised.value)
+  assert "remat_policy=none with 1 micro-batch: " in str(raised.value)
+  assert "no count of micro-batches (1, 2, 4, 8, 16) fits" in str(raised.value)
   one = raised.value.tried["none", 1]
   # Two micro-batches of 8 keep half the activations: same state in and out, fewer temporaries.
   assert (two.footprint.arguments, two.footprint.outputs) == (one.arguments, one.outputs)
