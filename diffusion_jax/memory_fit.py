@@ -8,11 +8,11 @@ runtime, after the state was created; here it stops at start-up with the sizes a
 `model.remat_policy = 'auto'` the step trains with the least recomputation that fits (compile order:
 compile_train_step): 'none' (every activation kept for the backward pass), 'dots' (matmul and
 convolution outputs kept, the elementwise chains recomputed), 'dots_no_batch' (only the outputs of
-matmuls without batch dimensions kept), 'full' (each block recomputed from its input). With `auto_gradient_accumulation` the global batch
-(the training recipe) stays as configured and its micro-batch per device shrinks until the step fits:
-the batch size per device that the memory allows, chosen without changing what is trained. A job whose
-step fits as configured compiles once, as before. Inference has no backward pass: it builds the model
-without remat ('auto' is 'none' there).
+matmuls without batch dimensions kept), 'full' (each block recomputed from its input). With
+`auto_gradient_accumulation` the global batch (the training recipe) stays as configured and its
+micro-batch per device shrinks until the step fits: the batch size per device that the memory allows,
+chosen without changing what is trained. A job whose step fits as configured compiles once, as before.
+Inference has no backward pass: it builds the model without remat ('auto' is 'none' there).
 """
 
 from __future__ import annotations
