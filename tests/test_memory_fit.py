@@ -55,7 +55,7 @@ def test_a_cpu_reports_no_limit_and_auto_compiles_without_remat():
 
 
 def test_auto_picks_the_least_recompute_that_fits_and_a_step_that_cannot_fit_is_a_clear_error(monkeypatch):
-  # Six compiles of a small step (~25 s on 2 cores). First a limit with room for the state and the batch
+  # Seven compiles of a small step (~18 s on 2 cores). First a limit with room for the state and the batch
   # but not for any policy's temporaries: every policy tried is reported with XLA's count, and what to change.
   monkeypatch.setattr(memory_fit, "AUTO_ORDER", ("none", "dots"))
   _, plain, _, _ = _compile(_config("none"), None, monkeypatch)  # No limit: compiled as configured.
@@ -91,7 +91,7 @@ def test_auto_picks_the_least_recompute_that_fits_and_a_step_that_cannot_fit_is_
 
 
 def test_auto_gradient_accumulation_takes_the_fewest_micro_batches_that_fit(monkeypatch):
-  # Three compiles of a small step (~15 s). The footprints are XLA's count of the real programs.
+  # Five compiles of a small step (~8 s). The footprints are XLA's count of the real programs.
   _, two, _, _ = _compile(_config("none", gradient_accumulation_steps=2), None, monkeypatch)
   with pytest.raises(memory_fit.DoesNotFit) as raised:  # 1 byte: the state alone does not fit.
     _compile(_config("auto", auto_gradient_accumulation=True), 1, monkeypatch)
